@@ -1,0 +1,59 @@
+// Per-element math of the fused op, shared by the CPU and CUDA kernels.
+//   z   = mu + exp(0.5 * lv) * eps
+//   kl  = 0.5 * (mu^2 + exp(lv) - lv - 1)
+//   dmu = sum_s gz_s + gkl * mu
+//   dlv = 0.5 * exp(0.5 * lv) * sum_s(gz_s * eps_s) + gkl * 0.5 * (exp(lv) - 1)
+// where lv is logvar after the optional clamp, whose gradient is zero outside [lo, hi].
+#pragma once
+
+#include "fused_vae/fast_math.h"
+
+namespace fused_vae {
+
+// How the KL output is produced; the integer values are part of the op schema.
+enum KlMode : int64_t {
+  kKlSkip = 0,       // no KL output (reparameterize)
+  kKlElementwise = 1,
+  kKlPerSample = 2,
+  kKlSum = 3,
+  kKlBatchMean = 4,
+};
+
+struct ClampSpec {
+  bool has_lo = false;
+  bool has_hi = false;
+  float lo_f = 0.f, hi_f = 0.f;
+  double lo_d = 0.0, hi_d = 0.0;
+
+  FV_HD float lo(float) const { return lo_f; }
+  FV_HD double lo(double) const { return lo_d; }
+  FV_HD float hi(float) const { return hi_f; }
+  FV_HD double hi(double) const { return hi_d; }
+
+  // NaN stays NaN (as torch.clamp does).
+  template <typename acc_t>
+  FV_HD acc_t apply(acc_t lv) const {
+    acc_t out = (has_lo && lv < lo(lv)) ? lo(lv) : lv;
+    return (has_hi && out > hi(lv)) ? hi(lv) : out;
+  }
+
+  // Whether the gradient flows through the clamp (torch.clamp's rule: lo <= lv <= hi).
+  template <typename acc_t>
+  FV_HD bool passes(acc_t lv) const {
+    const bool above = !has_lo || lv >= lo(lv);
+    const bool below = !has_hi || lv <= hi(lv);
+    return above && below;
+  }
+};
+
+template <typename acc_t>
+FV_HD acc_t kl_term(acc_t mu, acc_t lv, acc_t std) {
+  return acc_t(0.5) * (mu * mu + std * std - lv - acc_t(1));
+}
+
+template <typename acc_t>
+FV_HD acc_t grad_logvar_term(acc_t std, acc_t gz_eps_sum, acc_t gkl) {
+  return acc_t(0.5) * std * gz_eps_sum + gkl * acc_t(0.5) * (std * std - acc_t(1));
+}
+
+}  // namespace fused_vae

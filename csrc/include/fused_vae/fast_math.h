@@ -1,0 +1,130 @@
+// Branch-free float32 exp / log / sincos that the host compiler can vectorise and
+// nvcc compiles unchanged, so the CPU and CUDA backends share one definition of the
+// math. Polynomials are the classic Cephes single-precision ones (about 1 ulp).
+//
+// fast_expf follows IEEE semantics for NaN, +-Inf, overflow and underflow.
+// fast_logf is only used by Box-Muller, on [1e-7, 1]; fast_sincosf_0_2pi on [0, 2*pi].
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+
+#if defined(__CUDACC__) || defined(__HIPCC__)
+#define FV_HD __host__ __device__ __forceinline__
+#else
+#define FV_HD inline __attribute__((always_inline))
+#endif
+
+namespace fused_vae {
+
+FV_HD uint32_t float_bits(float x) {
+#if defined(__CUDA_ARCH__)
+  return __float_as_uint(x);
+#else
+  uint32_t u;
+  std::memcpy(&u, &x, sizeof(u));
+  return u;
+#endif
+}
+
+FV_HD float bits_float(uint32_t u) {
+#if defined(__CUDA_ARCH__)
+  return __uint_as_float(u);
+#else
+  float x;
+  std::memcpy(&x, &u, sizeof(x));
+  return x;
+#endif
+}
+
+// 2**n for n in [-126, 127].
+FV_HD float exp2_int(int32_t n) {
+  return bits_float(static_cast<uint32_t>(n + 127) << 23);
+}
+
+FV_HD float fast_expf(float x) {
+  constexpr float kMaxArg = 88.72283905206835f;
+  constexpr float kMinArg = -103.97207708f;
+  const bool is_nan = x != x;
+  const bool overflow = x > kMaxArg;
+  const bool underflow = x < kMinArg;
+  float xc = is_nan ? 0.0f : x;
+  xc = xc > kMaxArg ? kMaxArg : xc;
+  xc = xc < kMinArg ? kMinArg : xc;
+  const float k = ::floorf(1.44269504088896341f * xc + 0.5f);
+  float r = xc - k * 0.693359375f;
+  r = r - k * -2.12194440e-4f;
+  const float r2 = r * r;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r2 + r + 1.0f;
+  // Scale by 2**k in two steps so subnormal results stay exact-ish.
+  const int32_t n = static_cast<int32_t>(k);
+  const int32_t n1 = n / 2;
+  const float y = p * exp2_int(n1) * exp2_int(n - n1);
+  float out = overflow ? std::numeric_limits<float>::infinity() : y;
+  out = underflow ? 0.0f : out;
+  return is_nan ? x : out;
+}
+
+// Natural log for positive normal x (the Box-Muller uniforms, >= 1e-7).
+FV_HD float fast_logf(float x) {
+  constexpr float kSqrtHalf = 0.707106781186547524f;
+  const uint32_t bits = float_bits(x);
+  // x = m * 2**e with m in [0.5, 1).
+  float e = static_cast<float>(static_cast<int32_t>(bits >> 23) - 126);
+  float m = bits_float((bits & 0x807fffffu) | 0x3f000000u);
+  const bool small = m < kSqrtHalf;
+  e = small ? e - 1.0f : e;
+  m = small ? m + m - 1.0f : m - 1.0f;
+  const float z = m * m;
+  float p = 7.0376836292e-2f;
+  p = p * m - 1.1514610310e-1f;
+  p = p * m + 1.1676998740e-1f;
+  p = p * m - 1.2420140846e-1f;
+  p = p * m + 1.4249322787e-1f;
+  p = p * m - 1.6668057665e-1f;
+  p = p * m + 2.0000714765e-1f;
+  p = p * m - 2.4999993993e-1f;
+  p = p * m + 3.3333331174e-1f;
+  float y = m * z * p;
+  y = y + e * -2.12194440e-4f;
+  y = y - 0.5f * z;
+  return m + y + e * 0.693359375f;
+}
+
+// sin and cos of x in [0, 2*pi] (Box-Muller angles).
+FV_HD void fast_sincosf_0_2pi(float x, float& s, float& c) {
+  // Quadrant k = round(x / (pi/2)), remainder by 3-part Cody-Waite reduction.
+  const float k = ::floorf(x * 0.636619772367581343f + 0.5f);
+  float r = x - k * 1.5703125f;
+  r = r - k * 4.837512969970703125e-4f;
+  r = r - k * 7.549789954891882e-8f;
+  const float z = r * r;
+  float ps = -1.9515295891e-4f;
+  ps = ps * z + 8.3321608736e-3f;
+  ps = ps * z - 1.6666654611e-1f;
+  const float sin_r = r + r * z * ps;
+  float pc = 2.443315711809948e-5f;
+  pc = pc * z - 1.388731625493765e-3f;
+  pc = pc * z + 4.166664568298827e-2f;
+  const float cos_r = 1.0f - 0.5f * z + z * z * pc;
+  const int32_t q = static_cast<int32_t>(k) & 3;
+  // q: 0 -> (sin, cos), 1 -> (cos, -sin), 2 -> (-sin, -cos), 3 -> (-cos, sin)
+  const float s_abs = (q & 1) ? cos_r : sin_r;
+  const float c_abs = (q & 1) ? sin_r : cos_r;
+  s = (q & 2) ? -s_abs : s_abs;
+  c = ((q + 1) & 2) ? -c_abs : c_abs;
+}
+
+// exp in the op's accumulation type: float32 math for every dtype but float64.
+FV_HD float op_exp(float x) { return fast_expf(x); }
+FV_HD double op_exp(double x) { return ::exp(x); }
+
+}  // namespace fused_vae

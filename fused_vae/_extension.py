@@ -1,0 +1,133 @@
+"""Loads the compiled C++/CUDA extension that implements ``torch.ops.fused_vae.*``.
+
+Order: the module built ahead of time by setup.py (``fused_vae._C``), else a JIT build
+of csrc/ with ninja (cached by torch under ~/.cache/torch_extensions). Any failure is
+recorded, not raised: :func:`status` says why, and the dispatcher falls back.
+Set ``FUSED_VAE_DISABLE_EXTENSION=1`` to skip both (the package then runs on the
+reference and Triton backends).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+_PACKAGE_DIR = Path(__file__).resolve().parent
+_lock = threading.Lock()
+_status: ExtensionStatus | None = None
+
+
+@dataclass(frozen=True)
+class ExtensionStatus:
+    """Whether the extension is loaded, how, and which devices it implements."""
+
+    loaded: bool
+    how: str  # "prebuilt", "jit" or "" when not loaded
+    cpu: bool
+    cuda: bool
+    reason: str | None  # why it is not loaded, or why CUDA kernels are missing
+
+
+def csrc_dir() -> Path:
+    """The C++ sources: packaged copy in a wheel, else the source tree's csrc/."""
+    for candidate in (_PACKAGE_DIR / "_csrc", _PACKAGE_DIR.parent / "csrc"):
+        if (candidate / "ops.cpp").is_file():
+            return candidate
+    raise FileNotFoundError(f"fused_vae C++ sources not found next to {_PACKAGE_DIR}")
+
+
+def sources(with_cuda: bool) -> list[str]:
+    """Source files of the extension, the CUDA ones only when ``with_cuda``."""
+    root = csrc_dir()
+    files = [root / "ops.cpp", *sorted((root / "cpu").glob("*.cpp"))]
+    if with_cuda:
+        files += sorted((root / "cuda").glob("*.cu"))
+    return [str(f) for f in files]
+
+
+def _has_kernel(key: str) -> bool:
+    return bool(torch._C._dispatch_has_kernel_for_dispatch_key("fused_vae::reparam_kl_fwd", key))
+
+
+def _ops_defined() -> bool:
+    try:
+        torch._C._dispatch_find_schema_or_throw("fused_vae::reparam_kl_fwd", "")
+        return True
+    except RuntimeError:
+        return False
+
+
+def _load_prebuilt() -> bool:
+    spec = importlib.util.find_spec("fused_vae._C")
+    if spec is None or spec.origin is None:
+        return False
+    torch.ops.load_library(spec.origin)
+    return True
+
+
+def _cuda_toolkit_present() -> bool:
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    return torch.version.cuda is not None and torch.cuda.is_available() and CUDA_HOME is not None
+
+
+def _load_jit() -> None:
+    from torch.utils.cpp_extension import load
+
+    with_cuda = _cuda_toolkit_present()
+    name = "fused_vae_ext_cuda" if with_cuda else "fused_vae_ext_cpu"
+    log.warning("fused_vae: building the C++ extension %s (first use only, cached)", name)
+    load(
+        name=name,
+        sources=sources(with_cuda),
+        extra_include_paths=[str(csrc_dir() / "include")],
+        extra_cflags=["-O3", "-DNDEBUG"],
+        extra_cuda_cflags=["-O3", "-DNDEBUG", "--use_fast_math", "-lineinfo"] if with_cuda else None,
+        with_cuda=with_cuda,
+        is_python_module=False,
+        verbose=os.environ.get("FUSED_VAE_VERBOSE_BUILD") == "1",
+    )
+
+
+def status() -> ExtensionStatus:
+    """Loads the extension on first call (building it if needed) and reports the result."""
+    global _status
+    if _status is not None:
+        return _status
+    with _lock:
+        if _status is None:
+            _status = _try_load()
+    return _status
+
+
+def _try_load() -> ExtensionStatus:
+    if os.environ.get("FUSED_VAE_DISABLE_EXTENSION") == "1":
+        return ExtensionStatus(False, "", False, False, "disabled by FUSED_VAE_DISABLE_EXTENSION=1")
+    how = ""
+    try:
+        if _ops_defined() or _load_prebuilt():
+            how = "prebuilt"
+        else:
+            _load_jit()
+            how = "jit"
+    except Exception as exc:  # any build or load failure means "not available"
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        reason = f"the C++ extension could not be built or loaded ({type(exc).__name__}: {first_line[:300]})"
+        log.debug("fused_vae extension failed", exc_info=True)
+        return ExtensionStatus(False, "", False, False, reason)
+    from . import _ops  # registers fake and autograd for the C++ ops
+
+    _ops.register_extension_ops()
+    cpu, cuda = _has_kernel("CPU"), _has_kernel("CUDA")
+    reason = None
+    if not cuda:
+        reason = "the extension was built without CUDA kernels (no CUDA device or toolkit at build time)"
+    return ExtensionStatus(True, how, cpu, cuda, reason)

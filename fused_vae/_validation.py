@@ -1,0 +1,154 @@
+"""Argument checks shared by the public functions. Every error names the argument."""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Sequence
+
+import torch
+
+SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+_DTYPE_NAMES = "float32, float64, float16 or bfloat16"
+
+# KL modes as understood by the ops (see csrc/include/fused_vae/elementwise.h).
+KL_SKIP = 0
+KL_MODES = {"none": 1, "per_sample": 2, "sum": 3, "batchmean": 4}
+
+SEED_MAX = 2**64
+
+
+def check_pair(mu: object, logvar: object) -> None:
+    """Checks that mu and logvar are tensors of one supported dtype, shape and device.
+
+    Raises:
+        TypeError: a non-tensor, an unsupported dtype, or differing dtypes.
+        ValueError: a 0-d tensor, differing shapes or differing devices.
+    """
+    for name, t in (("mu", mu), ("logvar", logvar)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(f"{name} must have dtype {_DTYPE_NAMES}, got {t.dtype}")
+        if t.dim() < 1:
+            raise ValueError(f"{name} must be at least 1-D with the batch first ([B, ...]), got a 0-d tensor")
+    assert isinstance(mu, torch.Tensor) and isinstance(logvar, torch.Tensor)
+    if logvar.dtype != mu.dtype:
+        raise TypeError(f"logvar dtype {logvar.dtype} must match mu dtype {mu.dtype}")
+    if logvar.shape != mu.shape:
+        raise ValueError(f"logvar shape {tuple(logvar.shape)} must match mu shape {tuple(mu.shape)}")
+    if logvar.device != mu.device:
+        raise ValueError(f"logvar is on {logvar.device} but mu is on {mu.device}; both must be on one device")
+
+
+def kl_mode(reduction: object) -> int:
+    """The op's KL mode for a public ``reduction`` name.
+
+    Raises:
+        ValueError: reduction is not one of 'none', 'per_sample', 'sum', 'batchmean'.
+    """
+    if not isinstance(reduction, str) or reduction not in KL_MODES:
+        names = ", ".join(repr(k) for k in KL_MODES)
+        raise ValueError(f"reduction must be one of {names}, got {reduction!r}")
+    return KL_MODES[reduction]
+
+
+def check_num_samples(num_samples: object) -> int:
+    """Number of samples the op draws: 1 for None, else an int >= 1.
+
+    Raises:
+        TypeError: num_samples is not an int (or is a bool).
+        ValueError: num_samples < 1.
+    """
+    if num_samples is None:
+        return 1
+    if isinstance(num_samples, bool) or not isinstance(num_samples, numbers.Integral):
+        raise TypeError(f"num_samples must be None or an int >= 1, got {type(num_samples).__name__}")
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be None or an int >= 1, got {num_samples}")
+    return int(num_samples)
+
+
+def check_clamp(logvar_clamp: object) -> tuple[float | None, float | None]:
+    """(lo, hi) bounds of logvar_clamp; either may be None for a one-sided clamp.
+
+    Raises:
+        TypeError: not None and not a pair of numbers.
+        ValueError: a NaN bound, or lo > hi.
+    """
+    if logvar_clamp is None:
+        return None, None
+    if isinstance(logvar_clamp, (str, bytes)) or not isinstance(logvar_clamp, Sequence) or len(logvar_clamp) != 2:
+        raise TypeError(f"logvar_clamp must be None or a pair (lo, hi), got {logvar_clamp!r}")
+    bounds = []
+    for which, v in zip(("lo", "hi"), logvar_clamp):
+        if v is None:
+            bounds.append(None)
+            continue
+        if isinstance(v, bool) or not isinstance(v, numbers.Real):
+            raise TypeError(f"logvar_clamp {which} must be a real number or None, got {v!r}")
+        if math.isnan(v):
+            raise ValueError(f"logvar_clamp {which} must not be NaN")
+        bounds.append(float(v))
+    lo, hi = bounds
+    if lo is not None and hi is not None and lo > hi:
+        raise ValueError(f"logvar_clamp must have lo <= hi, got ({lo}, {hi})")
+    return lo, hi
+
+
+def check_seed_int(seed: object, name: str = "seed") -> int:
+    """A Python integer seed or offset in [0, 2**64).
+
+    Raises:
+        TypeError: not an int (bools are refused).
+        ValueError: out of range.
+    """
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise TypeError(f"{name} must be an int in [0, 2**64) or a one-element int64 tensor, got {type(seed).__name__}")
+    seed = int(seed)
+    if not 0 <= seed < SEED_MAX:
+        raise ValueError(f"{name} must be in [0, 2**64), got {seed}")
+    return seed
+
+
+def seed_tensor(seed: object, device: torch.device) -> torch.Tensor:
+    """The seed as a 0-d int64 tensor on ``device``, the form the ops take.
+
+    ``None`` draws one from torch's default generator of ``device`` on that device (no
+    host-device synchronisation; CUDA-graph safe). An int in [0, 2**64) is stored with
+    the same 64 bits. A one-element int64 tensor is used as given.
+
+    Raises:
+        TypeError / ValueError: as :func:`check_seed_int`, or a tensor that is not one
+        int64 element.
+    """
+    if seed is None:
+        return torch.randint(-(2**63), 2**63 - 1, (), dtype=torch.int64, device=device)
+    if isinstance(seed, torch.Tensor):
+        if seed.dtype != torch.int64 or seed.numel() != 1:
+            raise TypeError(f"seed tensor must hold one int64 element, got dtype {seed.dtype} with {seed.numel()} elements")
+        return seed.reshape(()).to(device)
+    value = check_seed_int(seed)
+    signed = value - SEED_MAX if value >= 2**63 else value
+    return torch.full((), signed, dtype=torch.int64, device=device)
+
+
+def check_shape(shape: object) -> tuple[int, ...]:
+    """A shape given as an int or a sequence of non-negative ints.
+
+    Raises:
+        TypeError: not an int or a sequence of ints.
+        ValueError: a negative size.
+    """
+    if isinstance(shape, numbers.Integral) and not isinstance(shape, bool):
+        shape = (shape,)
+    if not isinstance(shape, (Sequence, torch.Size)) or isinstance(shape, (str, bytes)):
+        raise TypeError(f"shape must be an int or a sequence of ints, got {type(shape).__name__}")
+    out = []
+    for s in shape:
+        if isinstance(s, bool) or not isinstance(s, numbers.Integral):
+            raise TypeError(f"shape must contain ints, got {s!r}")
+        if s < 0:
+            raise ValueError(f"shape must contain non-negative sizes, got {tuple(shape)}")
+        out.append(int(s))
+    return tuple(out)

@@ -1,0 +1,30 @@
+"""The ``cpu`` and ``cuda`` backends: the C++/CUDA extension's ``fused_vae::`` ops."""
+
+from __future__ import annotations
+
+import torch
+
+from .. import _extension
+
+
+class ExtensionBackend:
+    """Runs ``torch.ops.fused_vae.reparam_kl_fwd`` on tensors of one device type."""
+
+    def __init__(self, device_type: str) -> None:
+        self.name = device_type
+        self.device_type = device_type
+
+    def unavailable_reason(self, device_type: str) -> str | None:
+        if self.device_type == "cuda" and not torch.cuda.is_available():
+            return "no CUDA device is available"
+        if device_type != self.device_type:
+            return f"backend {self.name!r} runs on {self.device_type} tensors only, got {device_type} tensors"
+        st = _extension.status()
+        if not st.loaded:
+            return st.reason
+        if not getattr(st, self.device_type):
+            return st.reason or f"the extension has no {self.device_type} kernels"
+        return None
+
+    def reparam_kl(self, mu, logvar, seed, num_samples, kl_mode, clamp_lo, clamp_hi):
+        return torch.ops.fused_vae.reparam_kl_fwd(mu, logvar, seed, num_samples, kl_mode, clamp_lo, clamp_hi)
