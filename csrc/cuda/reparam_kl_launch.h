@@ -1,0 +1,122 @@
+// Host-side interface of the CUDA kernels of fused_vae::reparam_kl_fwd / _bwd.
+//
+// This header has no torch dependency: the kernels (reparam_kl_kernels.cuh) are compiled
+// once, in kernels_instantiate.cu, with only the CUDA toolkit and the fused_vae headers;
+// the ATen glue (reparam_kl_cuda.cu) includes this header and calls the launchers.
+//
+// Data layout (the CPU backend's): mu / logvar contiguous, viewed as [B, D] rows with
+// N = B * D elements; z is [S, N]; element i of z's flat index uses Philox group i / 4,
+// lane i % 4. The work is cut into fixed tiles of kThreads * vec_elems<T>() elements
+// (one block-iteration each), so the reduction tree depends on the shape only, never on
+// the grid size: reduced KL is bitwise reproducible.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+#include "fused_vae/elementwise.h"
+
+namespace fused_vae {
+namespace cuda {
+
+constexpr int kThreads = 256;  // threads per block of every kernel here
+
+// Elements per thread per tile: 16 bytes of 16-bit types (two Philox groups), else one
+// Philox group (16 bytes of float, 32 bytes of double).
+template <typename T>
+constexpr int vec_elems() {
+  return sizeof(T) == 2 ? 8 : 4;
+}
+
+template <typename T>
+constexpr int64_t tile_elems() {
+  return static_cast<int64_t>(kThreads) * vec_elems<T>();
+}
+
+template <typename T>
+struct AccType {
+  using type = float;
+};
+template <>
+struct AccType<double> {
+  using type = double;
+};
+template <typename T>
+using acc_type_t = typename AccType<T>::type;
+
+template <typename T>
+struct FwdParams {
+  using acc_t = acc_type_t<T>;
+  const T* mu = nullptr;
+  const T* lv = nullptr;
+  T* z = nullptr;              // [S, N], null when num_samples == 0
+  T* kl_elem = nullptr;        // [N] when kl_mode == kKlElementwise
+  acc_t* kl_out = nullptr;     // [B] (per_sample) or [] (sum / batchmean)
+  acc_t* workspace = nullptr;  // fwd_workspace_elems<T>(N, kl_mode) elements
+  const int64_t* seed_ptr = nullptr;  // device pointer to the seed, or null:
+  uint64_t seed_value = 0;            // then this value is used
+  int64_t N = 0, B = 0, D = 0;
+  int64_t num_samples = 0;
+  int64_t kl_mode = kKlSkip;
+  ClampSpec clamp;
+};
+
+template <typename T>
+struct BwdParams {
+  using acc_t = acc_type_t<T>;
+  const T* grad_z = nullptr;       // [S, N], or one element when grad_z_bcast
+  bool grad_z_bcast = false;
+  const T* grad_kl_elem = nullptr;     // kl_mode none: [N], or one element when bcast
+  const acc_t* grad_kl_red = nullptr;  // per_sample: [B]; sum / batchmean: one element
+  bool grad_kl_bcast = false;          // grad_kl_elem / per-sample grad_kl is one value
+  const T* mu = nullptr;
+  const T* lv = nullptr;
+  T* grad_mu = nullptr;  // [N]
+  T* grad_lv = nullptr;  // [N]
+  const int64_t* seed_ptr = nullptr;
+  uint64_t seed_value = 0;
+  int64_t N = 0, B = 0, D = 0;
+  int64_t num_samples = 0;
+  int64_t kl_mode = kKlSkip;
+  ClampSpec clamp;
+};
+
+// Tiles of the flat [N] problem.
+template <typename T>
+inline int64_t num_tiles(int64_t N) {
+  return (N + tile_elems<T>() - 1) / tile_elems<T>();
+}
+
+// acc_t elements of scratch the forward needs (two partial sums per tile for the
+// per-sample and total reductions; nothing otherwise).
+template <typename T>
+inline int64_t fwd_workspace_elems(int64_t N, int64_t kl_mode) {
+  return kl_mode >= kKlPerSample ? 2 * num_tiles<T>(N) : 0;
+}
+
+// Launch on `stream`; num_sms sizes the grid. Requires N > 0. Returns the launch error.
+template <typename T>
+cudaError_t launch_reparam_kl_fwd(const FwdParams<T>& p, int num_sms, cudaStream_t stream);
+template <typename T>
+cudaError_t launch_reparam_kl_bwd(const BwdParams<T>& p, int num_sms, cudaStream_t stream);
+
+// Kernel launches of one forward call (for tests and docs): 1, or 2 when the reduced
+// KL needs a separate final pass.
+template <typename T>
+int fwd_kernel_launches(int64_t N, int64_t num_samples, int64_t kl_mode);
+
+#define FV_CUDA_DECLARE(T)                                                                      \
+  extern template cudaError_t launch_reparam_kl_fwd<T>(const FwdParams<T>&, int, cudaStream_t); \
+  extern template cudaError_t launch_reparam_kl_bwd<T>(const BwdParams<T>&, int, cudaStream_t); \
+  extern template int fwd_kernel_launches<T>(int64_t, int64_t, int64_t);
+FV_CUDA_DECLARE(float)
+FV_CUDA_DECLARE(double)
+FV_CUDA_DECLARE(__half)
+FV_CUDA_DECLARE(__nv_bfloat16)
+#undef FV_CUDA_DECLARE
+
+}  // namespace cuda
+}  // namespace fused_vae

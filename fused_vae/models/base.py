@@ -1,0 +1,162 @@
+"""The VAE: encoder -> (mu, logvar) -> fused sample + KL -> decoder -> likelihood."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .. import api
+from .distributions import DiagonalGaussian, standard_normal_log_prob
+from .likelihoods import Likelihood
+from .losses import vae_loss
+from .seeds import derive_seed
+
+ACTIVATIONS = {
+    "tanh": nn.Tanh,
+    "relu": nn.ReLU,
+    "silu": nn.SiLU,
+    "gelu": nn.GELU,
+    "elu": nn.ELU,
+    "softplus": nn.Softplus,
+}
+
+
+def make_activation(name: str) -> nn.Module:
+    """An activation module by name (tanh, relu, silu, gelu, elu, softplus).
+
+    Raises:
+        ValueError: unknown name.
+    """
+    if name not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)}, got {name!r}")
+    return ACTIVATIONS[name]()
+
+
+class VAE(nn.Module):
+    """A VAE with a flat latent of ``latent_dim`` units.
+
+    Args:
+        encoder: maps ``[B, *input_shape]`` to ``[B, 2 * latent_dim]`` (mu, logvar).
+        decoder: maps ``[N, latent_dim]`` to ``[N, *input_shape]`` likelihood parameters.
+        likelihood: a :class:`~fused_vae.models.likelihoods.Likelihood`.
+        input_shape: the shape of one example, e.g. ``(1, 28, 28)``.
+        latent_dim: number of latent units.
+        logvar_clamp: optional ``(lo, hi)`` for the posterior's logvar.
+        backend: fused-op backend name or None (automatic).
+        spec: the keyword arguments that rebuild this model (see :func:`build_model`).
+    """
+
+    def __init__(
+        self,
+        encoder: nn.Module,
+        decoder: nn.Module,
+        likelihood: Likelihood,
+        input_shape,
+        latent_dim: int,
+        *,
+        logvar_clamp=None,
+        backend: str | None = None,
+        spec: dict | None = None,
+    ):
+        super().__init__()
+        self.encoder = encoder
+        self.decoder = decoder
+        self.likelihood = likelihood
+        self.input_shape = tuple(int(s) for s in input_shape)
+        self.latent_dim = int(latent_dim)
+        self.logvar_clamp = tuple(logvar_clamp) if logvar_clamp is not None else None
+        self.backend = backend
+        self.spec = dict(spec or {})
+
+    # -- building blocks ---------------------------------------------------------------
+    def _check_input(self, x: torch.Tensor) -> None:
+        if tuple(x.shape[1:]) != self.input_shape:
+            raise ValueError(f"x must have shape [B, {', '.join(map(str, self.input_shape))}], got {list(x.shape)}")
+
+    def encode(self, x: torch.Tensor) -> DiagonalGaussian:
+        """q(z|x) for ``x`` of shape ``[B, *input_shape]``; mu/logvar are float32 ``[B, latent_dim]``.
+
+        Raises:
+            ValueError: x has the wrong shape.
+        """
+        self._check_input(x)
+        h = self.encoder(x)
+        mu, logvar = h.float().chunk(2, dim=-1)
+        return DiagonalGaussian(mu, logvar, logvar_clamp=self.logvar_clamp, backend=self.backend)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Likelihood parameters for ``z`` of shape ``[*S, latent_dim]``: ``[*S, *input_shape]``."""
+        lead = z.shape[:-1]
+        out = self.decoder(z.reshape(-1, self.latent_dim))
+        return out.reshape(*lead, *self.input_shape)
+
+    # -- objectives ----------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, *, beta: float = 1.0, free_bits: float = 0.0, seed=None) -> dict:
+        """The training objective on a batch ``x`` (``[B, *input_shape]``).
+
+        One fused op samples z and computes the KL. ``seed=None`` draws the noise from
+        torch's default generator; an int fixes it. Returns the dict of
+        :func:`~fused_vae.models.losses.vae_loss` (float32 scalars; ``loss`` is minimised).
+        """
+        q = self.encode(x)
+        z, kl = q.sample_with_kl(seed=seed, reduction="none" if free_bits > 0 else "per_sample")
+        recon = self.likelihood.nll(self.decode(z), x)
+        return vae_loss(recon, kl, beta=beta, free_bits=free_bits)
+
+    def elbo(self, x: torch.Tensor, *, seed=None) -> dict:
+        """Single-sample ELBO per example: dict of ``elbo``, ``recon``, ``kl``, each ``[B]`` float32."""
+        q = self.encode(x)
+        z, kl = q.sample_with_kl(seed=seed, reduction="per_sample")
+        recon = self.likelihood.nll(self.decode(z), x)
+        return {"elbo": -(recon + kl), "recon": recon, "kl": kl.float()}
+
+    def iwae_log_likelihood(self, x: torch.Tensor, num_samples: int, *, seed=None, chunk_size: int | None = None):
+        """Importance-sampled estimate of ``log p(x)`` (the IWAE bound L_k), ``[B]`` float32.
+
+        ``log p(x) >= E[log mean_k p(x, z_k) / q(z_k | x)]`` with ``z_k ~ q(z|x)`` drawn by the
+        fused op's ``num_samples``. Samples are processed ``chunk_size`` at a time
+        (default: all) and combined with a running logsumexp. An int ``seed`` makes
+        the estimate deterministic.
+
+        Raises:
+            ValueError: num_samples < 1.
+        """
+        if num_samples < 1:
+            raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+        chunk = num_samples if not chunk_size else max(1, min(int(chunk_size), num_samples))
+        q = self.encode(x)
+        total = None
+        done = 0
+        i = 0
+        while done < num_samples:
+            k = min(chunk, num_samples - done)
+            s = None if seed is None else derive_seed(int(seed), i)
+            z = q.sample(seed=s, num_samples=k)  # [k, B, L]
+            log_px = -self.likelihood.nll(self.decode(z), x)
+            log_w = log_px + standard_normal_log_prob(z, 1) - q.log_prob(z)
+            part = torch.logsumexp(log_w, dim=0)
+            total = part if total is None else torch.logaddexp(total, part)
+            done += k
+            i += 1
+        return total - math.log(num_samples)
+
+    # -- images ------------------------------------------------------------------------
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        """E[x | z = posterior mode] for ``x``: ``[B, *input_shape]`` float32."""
+        return self.likelihood.mean(self.decode(self.encode(x).mode()))
+
+    def generate(self, n: int, *, seed: int = 0, device=None) -> torch.Tensor:
+        """Means of p(x|z) for ``n`` prior draws z ~ N(0, I) (noise stream ``seed``): ``[n, *input_shape]``."""
+        device = device if device is not None else next(self.parameters()).device
+        z = api.standard_normal((n, self.latent_dim), seed, device=device)
+        return self.likelihood.mean(self.decode(z))
+
+    def interpolate(self, x_a: torch.Tensor, x_b: torch.Tensor, steps: int = 10) -> torch.Tensor:
+        """Decoded means along the straight line between the posterior means of two
+        examples (each ``[*input_shape]``): ``[steps, *input_shape]``."""
+        mu = self.encode(torch.stack([x_a, x_b])).mode()
+        t = torch.linspace(0.0, 1.0, steps, device=mu.device).unsqueeze(1)
+        z = (1 - t) * mu[0] + t * mu[1]
+        return self.likelihood.mean(self.decode(z))

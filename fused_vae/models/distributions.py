@@ -1,0 +1,127 @@
+"""A diagonal Gaussian posterior q(z|x) = N(mu, exp(logvar)) backed by the fused ops."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .. import api
+
+_LOG_2PI = math.log(2.0 * math.pi)
+
+
+class DiagonalGaussian:
+    """N(mu, diag(exp(logvar))) over the non-batch dims of ``mu``.
+
+    ``mu`` and ``logvar`` are ``[B, ...]`` tensors of one shape, dtype and device (what an
+    encoder outputs). Sampling and the KL to N(0, I) go through the fused ops
+    (:func:`fused_vae.reparameterize_kl`), so ``dist.sample_with_kl()`` is one kernel
+    forward and one backward.
+
+    Args:
+        mu, logvar: ``[B, ...]`` floating tensors.
+        logvar_clamp: optional ``(lo, hi)`` applied to logvar everywhere (sampling, KL,
+            densities), as in diffusers' ``DiagonalGaussianDistribution``.
+        backend: fused-op backend name, or None for the automatic choice.
+
+    Raises:
+        TypeError / ValueError: from the fused ops when mu and logvar do not match.
+    """
+
+    def __init__(self, mu: torch.Tensor, logvar: torch.Tensor, *, logvar_clamp=None, backend: str | None = None):
+        if not isinstance(mu, torch.Tensor) or not isinstance(logvar, torch.Tensor):
+            raise TypeError("mu and logvar must be torch.Tensor objects")
+        if mu.shape != logvar.shape:
+            raise ValueError(f"logvar shape {tuple(logvar.shape)} must match mu shape {tuple(mu.shape)}")
+        if mu.dim() < 1:
+            raise ValueError("mu and logvar must be at least 1-D with the batch first ([B, ...])")
+        self.mu = mu
+        self.logvar = logvar
+        self.logvar_clamp = logvar_clamp
+        self.backend = backend
+
+    # -- parameters -------------------------------------------------------------------
+    @property
+    def event_dims(self) -> int:
+        """Number of trailing (non-batch) dims a sample's log density sums over."""
+        return self.mu.dim() - 1
+
+    def _logvar(self) -> torch.Tensor:
+        if self.logvar_clamp is None:
+            return self.logvar
+        lo, hi = self.logvar_clamp
+        return self.logvar.clamp(min=lo, max=hi)
+
+    @property
+    def mean(self) -> torch.Tensor:
+        """``mu``, shape ``[B, ...]``."""
+        return self.mu
+
+    def mode(self) -> torch.Tensor:
+        """The most likely z, ``mu`` (shape ``[B, ...]``)."""
+        return self.mu
+
+    @property
+    def var(self) -> torch.Tensor:
+        """``exp(logvar)``, shape ``[B, ...]``."""
+        return self._logvar().exp()
+
+    @property
+    def std(self) -> torch.Tensor:
+        """``exp(0.5 * logvar)``, shape ``[B, ...]``."""
+        return (0.5 * self._logvar()).exp()
+
+    # -- fused ops -----------------------------------------------------------------------
+    def sample(self, *, seed=None, num_samples: int | None = None) -> torch.Tensor:
+        """Reparameterized sample(s) ``mu + std * eps`` (differentiable).
+
+        Returns ``[B, ...]``, or ``[num_samples, B, ...]`` when num_samples is an int.
+        ``seed=None`` draws from torch's default generator; an int picks the stream.
+        """
+        return api.reparameterize(
+            self.mu, self.logvar, seed=seed, num_samples=num_samples, logvar_clamp=self.logvar_clamp, backend=self.backend
+        )
+
+    def sample_with_kl(self, *, seed=None, num_samples: int | None = None, reduction: str = "batchmean"):
+        """``(z, kl)`` in one fused pass: a sample as :meth:`sample` and the KL as :meth:`kl`."""
+        return api.reparameterize_kl(
+            self.mu,
+            self.logvar,
+            reduction=reduction,
+            seed=seed,
+            num_samples=num_samples,
+            logvar_clamp=self.logvar_clamp,
+            backend=self.backend,
+        )
+
+    def kl(self, reduction: str = "batchmean") -> torch.Tensor:
+        """KL(self || N(0, I)); reductions ``none``/``per_sample``/``sum``/``batchmean``."""
+        return api.gaussian_kl(self.mu, self.logvar, reduction=reduction, logvar_clamp=self.logvar_clamp, backend=self.backend)
+
+    # -- densities -----------------------------------------------------------------------
+    def log_prob(self, z: torch.Tensor) -> torch.Tensor:
+        """log q(z), summed over the event dims.
+
+        ``z``: ``[*S, B, ...]`` (any leading sample dims). Returns ``[*S, B]`` in float32
+        (float64 for float64 inputs).
+        """
+        mu, logvar = self.mu, self._logvar()
+        dt = torch.float64 if mu.dtype == torch.float64 else torch.float32
+        mu, logvar, z = mu.to(dt), logvar.to(dt), z.to(dt)
+        lp = -0.5 * ((z - mu) ** 2 * torch.exp(-logvar) + logvar + _LOG_2PI)
+        return lp.flatten(start_dim=lp.dim() - self.event_dims).sum(-1) if self.event_dims else lp
+
+    def nll(self, x: torch.Tensor) -> torch.Tensor:
+        """Negative log density ``-log N(x; mu, var)`` summed over the event dims, ``[*S, B]``."""
+        return -self.log_prob(x)
+
+    def __repr__(self) -> str:
+        return f"DiagonalGaussian(shape={tuple(self.mu.shape)}, dtype={self.mu.dtype}, device={self.mu.device})"
+
+
+def standard_normal_log_prob(z: torch.Tensor, event_dims: int) -> torch.Tensor:
+    """log N(z; 0, I) summed over the last ``event_dims`` dims of ``z``, in float32 (float64 kept)."""
+    dt = torch.float64 if z.dtype == torch.float64 else torch.float32
+    lp = -0.5 * (z.to(dt) ** 2 + _LOG_2PI)
+    return lp.flatten(start_dim=lp.dim() - event_dims).sum(-1) if event_dims else lp

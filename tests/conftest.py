@@ -1,0 +1,81 @@
+"""Shared fixtures: which (backend, device) pairs to test, inputs, tolerances."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+# Triton kernels run on CPU tensors only through the interpreter, which must be chosen
+# before triton compiles anything.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+import fused_vae as fv  # noqa: E402
+
+# The `backend` fixture is a constant (name, device) pair, safe to share across examples.
+settings.register_profile(
+    "fused_vae", deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture], print_blob=True
+)
+settings.load_profile("fused_vae")
+
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+REDUCTIONS = ["none", "per_sample", "sum", "batchmean"]
+
+# Tolerances of a backend's output against float64 math on the same (rounded) inputs.
+# float32 and float64 differ from float64 math mainly through the float32 noise stream,
+# whose transcendental functions differ across backends by a few ulps.
+Z_TOL = {
+    torch.float32: dict(rtol=2e-5, atol=2e-5),
+    torch.float64: dict(rtol=2e-6, atol=2e-6),
+    torch.float16: dict(rtol=2e-3, atol=2e-3),
+    torch.bfloat16: dict(rtol=1.6e-2, atol=1.6e-2),
+}
+KL_TOL = {
+    torch.float32: dict(rtol=2e-5, atol=2e-5),
+    torch.float64: dict(rtol=1e-10, atol=1e-10),
+    torch.float16: dict(rtol=2e-3, atol=2e-3),
+    torch.bfloat16: dict(rtol=1.6e-2, atol=1.6e-2),
+}
+REDUCED_KL_TOL = {
+    torch.float32: dict(rtol=2e-5, atol=1e-4),
+    torch.float64: dict(rtol=1e-10, atol=1e-10),
+    torch.float16: dict(rtol=2e-5, atol=1e-4),
+    torch.bfloat16: dict(rtol=2e-5, atol=1e-4),
+}
+
+
+def _backend_cases():
+    cases = []
+    for name, info in fv.available_backends().items():
+        for device in info.devices:
+            marks = [pytest.mark.slow] if (name == "triton" and device == "cpu") else []
+            cases.append(pytest.param((name, device), id=f"{name}-{device}", marks=marks))
+    return cases
+
+
+BACKEND_CASES = _backend_cases()
+
+
+@pytest.fixture(params=BACKEND_CASES)
+def backend(request):
+    """(backend name, device string) for every backend usable on this machine."""
+    return request.param
+
+
+def is_interpreted(backend_case) -> bool:
+    """Triton on CPU runs in the (slow) interpreter: tests use smaller sizes there."""
+    return backend_case == ("triton", "cpu")
+
+
+def make_inputs(shape, dtype, device, seed, *, lv_scale=1.0, requires_grad=False):
+    """Fresh normal mu and logvar from a seeded generator (never all zeros)."""
+    g = torch.Generator().manual_seed(seed)
+    mu = torch.randn(shape, generator=g, dtype=torch.float64)
+    lv = torch.randn(shape, generator=g, dtype=torch.float64) * lv_scale
+    mu = mu.to(device=device, dtype=dtype).requires_grad_(requires_grad)
+    lv = lv.to(device=device, dtype=dtype).requires_grad_(requires_grad)
+    return mu, lv

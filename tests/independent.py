@@ -1,0 +1,73 @@
+"""An independent implementation of the contract for the tests: numpy Philox on uint64
+words and float64 math. Written from DESIGN.md, sharing no code with fused_vae."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+M0, M1 = np.uint64(0xD2511F53), np.uint64(0xCD9E8D57)
+W0, W1 = np.uint64(0x9E3779B9), np.uint64(0xBB67AE85)
+MASK = np.uint64(0xFFFFFFFF)
+S32 = np.uint64(32)
+
+
+def philox4x32_10(ctr: np.ndarray, key: tuple[int, int]) -> np.ndarray:
+    """Philox4x32-10 (Salmon et al. 2011). ctr: [n, 4] uint32-valued; key: (k0, k1)."""
+    c = [ctr[:, i].astype(np.uint64) for i in range(4)]
+    k0, k1 = np.uint64(key[0]), np.uint64(key[1])
+    for r in range(10):
+        p0 = M0 * c[0]  # < 2**64: exact in uint64
+        p1 = M1 * c[2]
+        c = [(p1 >> S32) ^ c[1] ^ k0, p1 & MASK, (p0 >> S32) ^ c[3] ^ k1, p0 & MASK]
+        k0 = (k0 + W0) & MASK
+        k1 = (k1 + W1) & MASK
+    return np.stack(c, axis=1).astype(np.uint32)
+
+
+def stream(seed: int, numel: int, offset: int = 0) -> np.ndarray:
+    """The DESIGN.md normal stream as float32 numpy, elements [0, numel)."""
+    groups = np.arange((numel + 3) // 4, dtype=np.uint64) + np.uint64(offset)
+    ctr = np.zeros((groups.size, 4), dtype=np.uint64)
+    ctr[:, 0] = groups & MASK
+    ctr[:, 1] = groups >> S32
+    with np.errstate(over="ignore"):
+        r = philox4x32_10(ctr, (seed & 0xFFFFFFFF, seed >> 32))
+    x = r.view(np.int32)
+    x = np.where(x < 0, ~x, x)
+    u = x.astype(np.float32) * np.float32(4.6566127342e-10)
+    ua = np.maximum(np.float32(1e-7), u[:, 0::2])
+    ub = u[:, 1::2]
+    rad = np.sqrt(np.float32(-2.0) * np.log(ua))
+    th = np.float32(6.283185307179586) * ub
+    out = np.empty_like(u)
+    out[:, 0::2] = rad * np.cos(th)
+    out[:, 1::2] = rad * np.sin(th)
+    return out.reshape(-1)[:numel]
+
+
+def math64(mu, logvar, seed, num_samples=None, clamp=None):
+    """float64 z ([S, *shape] or shape), elementwise KL and the clamped logvar."""
+    m = mu.detach().double().cpu()
+    lv = logvar.detach().double().cpu()
+    if clamp is not None:
+        lv = lv.clamp(min=clamp[0], max=clamp[1])
+    s = 1 if num_samples is None else num_samples
+    eps = torch.from_numpy(stream(seed, s * m.numel()).astype(np.float64)).reshape(s, *m.shape)
+    z = m + torch.exp(0.5 * lv) * eps
+    if num_samples is None:
+        z = z[0]
+    kl = 0.5 * (m * m + torch.exp(lv) - lv - 1.0)
+    return z, kl, eps
+
+
+def reduce64(kl: torch.Tensor, reduction: str) -> torch.Tensor:
+    """Applies a public reduction name to a float64 elementwise KL."""
+    if reduction == "none":
+        return kl
+    b = kl.shape[0]
+    rows = kl.reshape(b, -1).sum(1) if kl.numel() else torch.zeros(b, dtype=kl.dtype)
+    if reduction == "per_sample":
+        return rows
+    total = rows.sum()
+    return total / b if reduction == "batchmean" else total

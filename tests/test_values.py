@@ -1,0 +1,187 @@
+"""Outputs of every backend against float64 math: dtypes, shapes, strides, reductions."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import fused_vae as fv
+from conftest import DTYPES, KL_TOL, REDUCED_KL_TOL, REDUCTIONS, Z_TOL, is_interpreted, make_inputs
+from independent import math64, reduce64
+
+SHAPES = [(1,), (7,), (4, 3), (16, 37), (3, 4, 5), (2, 3, 2, 5)]
+
+
+def check_against_math(z, kl, mu, lv, seed, reduction, num_samples=None, clamp=None):
+    z64, kl64, _ = math64(mu, lv, seed, num_samples, clamp)
+    assert z.dtype == mu.dtype and z.device == mu.device
+    assert z.shape == z64.shape
+    torch.testing.assert_close(z.cpu().double(), z64, **Z_TOL[mu.dtype])
+    expected = reduce64(kl64, reduction)
+    assert kl.shape == expected.shape
+    if reduction == "none":
+        assert kl.dtype == mu.dtype
+        torch.testing.assert_close(kl.cpu().double(), expected, **KL_TOL[mu.dtype])
+    else:
+        assert kl.dtype == (torch.float64 if mu.dtype == torch.float64 else torch.float32)
+        torch.testing.assert_close(kl.cpu().double(), expected, **REDUCED_KL_TOL[mu.dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_reparameterize_kl_matches_float64_math(backend, dtype, reduction):
+    name, device = backend
+    shapes = SHAPES[:4] if is_interpreted(backend) else SHAPES
+    for i, shape in enumerate(shapes):
+        mu, lv = make_inputs(shape, dtype, device, seed=1000 + i)
+        z, kl = fv.reparameterize_kl(mu, lv, reduction=reduction, seed=31 + i, backend=name)
+        check_against_math(z, kl, mu, lv, 31 + i, reduction)
+
+
+@settings(max_examples=12, deadline=None)
+@given(
+    shape=st.lists(st.integers(1, 9), min_size=1, max_size=4).map(tuple),
+    seed=st.integers(0, 2**64 - 1),
+    data_seed=st.integers(0, 2**31),
+    reduction=st.sampled_from(REDUCTIONS),
+    dtype=st.sampled_from(DTYPES),
+)
+def test_random_shapes(backend, shape, seed, data_seed, reduction, dtype):
+    name, device = backend
+    mu, lv = make_inputs(shape, dtype, device, seed=data_seed)
+    z, kl = fv.reparameterize_kl(mu, lv, reduction=reduction, seed=seed, backend=name)
+    check_against_math(z, kl, mu, lv, seed, reduction)
+
+
+@st.composite
+def strided_pair(draw):
+    """A base tensor and a non-contiguous view of it: transposes, steps, offsets, expands."""
+    rows = draw(st.integers(1, 6))
+    cols = draw(st.integers(1, 6))
+    kind = draw(st.sampled_from(["transpose", "step", "offset", "expand", "permute3"]))
+    return rows, cols, kind
+
+
+def make_view(t: torch.Tensor, rows: int, cols: int, kind: str) -> torch.Tensor:
+    if kind == "transpose":
+        return t[: rows * cols].reshape(cols, rows).t()
+    if kind == "step":
+        return t[: rows * cols * 2].reshape(rows, cols * 2)[:, ::2]
+    if kind == "offset":
+        return t[3 : 3 + rows * cols].reshape(rows, cols)
+    if kind == "expand":
+        return t[:cols].reshape(1, cols).expand(rows, cols)
+    return t[: rows * cols * 2].reshape(2, rows, cols).permute(1, 2, 0)
+
+
+@settings(max_examples=15, deadline=None)
+@given(spec=strided_pair(), mu_kind_same=st.booleans(), reduction=st.sampled_from(REDUCTIONS))
+def test_non_contiguous_and_expanded_inputs(backend, spec, mu_kind_same, reduction):
+    name, device = backend
+    rows, cols, kind = spec
+    base_mu, base_lv = make_inputs((128,), torch.float32, device, seed=rows * 31 + cols)
+    mu = make_view(base_mu, rows, cols, kind)
+    lv = make_view(base_lv, rows, cols, kind if mu_kind_same else "transpose")
+    if lv.shape != mu.shape:
+        lv = base_lv[: mu.numel()].reshape(mu.shape)
+    z, kl = fv.reparameterize_kl(mu, lv, reduction=reduction, seed=17, backend=name)
+    check_against_math(z, kl, mu.contiguous(), lv.contiguous(), 17, reduction)
+
+
+@pytest.mark.parametrize("num_samples", [1, 3, 8])
+@pytest.mark.parametrize("reduction", ["none", "batchmean"])
+def test_num_samples(backend, num_samples, reduction):
+    name, device = backend
+    mu, lv = make_inputs((5, 7), torch.float32, device, seed=num_samples)
+    z, kl = fv.reparameterize_kl(mu, lv, reduction=reduction, seed=3, num_samples=num_samples, backend=name)
+    assert z.shape == (num_samples, 5, 7)
+    check_against_math(z, kl, mu, lv, 3, reduction, num_samples=num_samples)
+    if num_samples > 1:
+        assert not torch.equal(z[0], z[1])
+
+
+def test_reparameterize_and_gaussian_kl_agree_with_fused(backend):
+    name, device = backend
+    mu, lv = make_inputs((6, 10), torch.float32, device, seed=4)
+    z, kl = fv.reparameterize_kl(mu, lv, reduction="per_sample", seed=11, backend=name)
+    torch.testing.assert_close(fv.reparameterize(mu, lv, seed=11, backend=name), z, rtol=0, atol=0)
+    torch.testing.assert_close(fv.gaussian_kl(mu, lv, reduction="per_sample", backend=name), kl)
+    zs = fv.reparameterize(mu, lv, seed=11, num_samples=2, backend=name)
+    torch.testing.assert_close(zs[0], z, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_empty_batch(backend, reduction):
+    name, device = backend
+    for shape in [(0,), (0, 4), (3, 0)]:
+        mu = torch.empty(shape, device=device)
+        z, kl = fv.reparameterize_kl(mu, mu.clone(), reduction=reduction, seed=1, backend=name)
+        assert z.shape == shape
+        expected = reduce64(torch.zeros(shape, dtype=torch.float64), reduction)
+        assert kl.shape == expected.shape
+        if reduction == "batchmean" and shape[0] == 0:
+            assert math.isnan(kl.item()), "0 / 0 like torch.mean of an empty tensor"
+        else:
+            torch.testing.assert_close(kl.cpu().double(), expected)
+        zs = fv.reparameterize(mu, mu.clone(), seed=1, num_samples=2, backend=name)
+        assert zs.shape == (2, *shape)
+
+
+def test_logvar_clamp_values(backend):
+    name, device = backend
+    mu, lv = make_inputs((8, 9), torch.float32, device, seed=5, lv_scale=40.0)
+    for clamp in [(-30.0, 20.0), (-1.0, 1.0), (None, 0.5), (-0.5, None), (0.3, 0.3)]:
+        z, kl = fv.reparameterize_kl(mu, lv, reduction="none", seed=2, logvar_clamp=clamp, backend=name)
+        lo = -math.inf if clamp[0] is None else clamp[0]
+        hi = math.inf if clamp[1] is None else clamp[1]
+        check_against_math(z, kl, mu, lv, 2, "none", clamp=(lo, hi))
+
+
+def test_large_logvar_without_clamp_follows_ieee(backend):
+    """No silent clamping: exp overflows to inf and the KL becomes inf."""
+    name, device = backend
+    mu = torch.tensor([0.5, 0.5, 0.5, -1.0], device=device)
+    lv = torch.tensor([200.0, -200.0, 176.0, 0.0], device=device)
+    z, kl = fv.reparameterize_kl(mu, lv, reduction="none", seed=8, backend=name)
+    assert torch.isinf(z[0]) and torch.isinf(kl[0])
+    assert z[1] == mu[1], "std underflows to 0, so z == mu"
+    torch.testing.assert_close(kl[1].item(), 0.5 * (0.25 + 200.0 - 1.0)), "exp(-200) underflows to 0"
+    assert torch.isfinite(z[2]) and torch.isinf(kl[2]), "std = exp(88) is finite, exp(176) is not"
+    assert torch.isfinite(z[3]) and torch.isfinite(kl[3])
+
+
+def test_nan_and_inf_propagate(backend):
+    name, device = backend
+    nan, inf = math.nan, math.inf
+    mu = torch.tensor([[nan, 0.1, 0.2, inf], [0.3, 0.4, -inf, 0.5]], device=device)
+    lv = torch.tensor([[0.0, nan, inf, 0.0], [-inf, 0.1, 0.0, 0.2]], device=device)
+    z, kl = fv.reparameterize_kl(mu, lv, reduction="none", seed=1, backend=name)
+    z64, kl64, _ = math64(mu, lv, 1)
+    for got, want in ((z, z64), (kl, kl64)):
+        got = got.cpu().double()
+        assert torch.equal(torch.isnan(got), torch.isnan(want)), (got, want)
+        assert torch.equal(torch.isposinf(got), torch.isposinf(want)), (got, want)
+        assert torch.equal(torch.isneginf(got), torch.isneginf(want)), (got, want)
+    per_row = fv.gaussian_kl(mu, lv, reduction="per_sample", backend=name)
+    expected_rows = reduce64(kl64, "per_sample")
+    assert torch.isnan(per_row[0]) and torch.isnan(expected_rows[0])
+    assert torch.isposinf(per_row[1]) and torch.isposinf(expected_rows[1])
+    _, kl_clamped = fv.reparameterize_kl(mu[1:], lv[1:], reduction="none", seed=1, logvar_clamp=(-5, 5), backend=name)
+    assert torch.isfinite(kl_clamped[0, 0]), "clamping -inf logvar makes the KL finite"
+
+
+def test_reduced_kl_is_deterministic_and_uses_batch_size(backend):
+    name, device = backend
+    shape = (33, 70) if is_interpreted(backend) else (257, 3000)
+    mu, lv = make_inputs(shape, torch.float32, device, seed=9)
+    kls = [fv.gaussian_kl(mu, lv, reduction=r, backend=name) for r in ("per_sample", "sum", "batchmean")]
+    again = [fv.gaussian_kl(mu, lv, reduction=r, backend=name) for r in ("per_sample", "sum", "batchmean")]
+    for a, b in zip(kls, again):
+        assert torch.equal(a, b), "reductions must be bitwise reproducible"
+    torch.testing.assert_close(kls[2], kls[1] / shape[0], rtol=1e-6, atol=0)
+    _, kl64, _ = math64(mu, lv, 0)
+    torch.testing.assert_close(kls[0].double().cpu(), kl64.sum(1), rtol=1e-5, atol=1e-4)
