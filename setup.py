@@ -42,15 +42,19 @@ def extension_modules():
     sources = [str(p.relative_to(ROOT)) for p in [CSRC / "ops.cpp", *sorted((CSRC / "cpu").glob("*.cpp"))]]
     cuda_sources = [str(p.relative_to(ROOT)) for p in sorted((CSRC / "cuda").glob("*.cu"))]
     with_cuda = torch.version.cuda is not None and ce.CUDA_HOME is not None and bool(cuda_sources)
-    args = {"cxx": ["-O3", "-DNDEBUG"]}
+    args = {"cxx": ["-O3", "-DNDEBUG", "-fno-math-errno", "-fno-trapping-math", "-fopenmp"]}
     if with_cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
-        args["nvcc"] = ["-O3", "-DNDEBUG", "--use_fast_math", "-lineinfo"]
+        args["nvcc"] = ["-O3", "-DNDEBUG", "-lineinfo"]  # no --use_fast_math: see fused_vae/_extension.py
         ext = ce.CUDAExtension(
-            "fused_vae._C", sources + cuda_sources, include_dirs=[str(CSRC / "include")], extra_compile_args=args
+            "fused_vae._C", sources + cuda_sources, include_dirs=[str(CSRC / "include")], extra_compile_args=args,
+            extra_link_args=["-fopenmp"],
         )
     else:
-        ext = ce.CppExtension("fused_vae._C", sources, include_dirs=[str(CSRC / "include")], extra_compile_args=args)
+        ext = ce.CppExtension(
+            "fused_vae._C", sources, include_dirs=[str(CSRC / "include")], extra_compile_args=args,
+            extra_link_args=["-fopenmp"],
+        )
     return [ext], {"build_ext": ce.BuildExtension.with_options(no_python_abi_suffix=True)}
 
 

@@ -29,6 +29,9 @@
 namespace fused_vae {
 namespace {
 
+// Everything the per-dtype clones call must be inlined into them to get their ISA.
+#define FV_INLINE inline __attribute__((always_inline))
+
 constexpr int64_t kTile = 2048;
 constexpr int64_t kLanes = 16;   // independent partial sums per reduction
 constexpr int64_t kBatch = 64;   // Philox groups generated per inner batch
@@ -58,7 +61,7 @@ FV_CLONES void normals_for_groups(uint64_t seed, uint64_t g0, int64_t ngroups, f
 
 // Normals for flat stream positions [first, first + n): returns a pointer into buf,
 // which must hold n + 8 floats.
-inline const float* stream_normals(uint64_t seed, uint64_t first, int64_t n, float* buf) {
+FV_INLINE const float* stream_normals(uint64_t seed, uint64_t first, int64_t n, float* buf) {
   const uint64_t g0 = first / 4;
   const int64_t lane0 = static_cast<int64_t>(first % 4);
   const int64_t ngroups = (lane0 + n + 3) / 4;
@@ -91,7 +94,7 @@ struct TilePlan {
     }
   }
 
-  Tile tile(int64_t t) const {
+  FV_INLINE Tile tile(int64_t t) const {
     if (rows_per_tile > 0) {
       const int64_t row0 = t * rows_per_tile;
       const int64_t rows = std::min(rows_per_tile, s.B - row0);
@@ -105,7 +108,7 @@ struct TilePlan {
 };
 
 template <typename acc_t>
-inline acc_t lane_sum(const acc_t* v, int64_t n) {
+FV_INLINE acc_t lane_sum(const acc_t* v, int64_t n) {
   acc_t lanes[kLanes] = {};
   int64_t k = 0;
   for (; k + kLanes <= n; k += kLanes) {
@@ -116,6 +119,27 @@ inline acc_t lane_sum(const acc_t* v, int64_t n) {
   for (int64_t l = 0; l < kLanes; ++l) total += lanes[l];
   return total;
 }
+
+// Loads/stores in the math type. bfloat16 goes through its bits so loops vectorise
+// (c10::BFloat16's own conversions branch on NaN).
+template <typename scalar_t>
+struct Io {
+  using acc_t = at::opmath_type<scalar_t>;
+  static FV_INLINE acc_t load(const scalar_t* p, int64_t k) { return static_cast<acc_t>(p[k]); }
+  static FV_INLINE void store(scalar_t* p, int64_t k, acc_t v) { p[k] = static_cast<scalar_t>(v); }
+};
+
+template <>
+struct Io<at::BFloat16> {
+  static FV_INLINE float load(const at::BFloat16* p, int64_t k) {
+    return bits_float(static_cast<uint32_t>(reinterpret_cast<const uint16_t*>(p)[k]) << 16);
+  }
+  static FV_INLINE void store(at::BFloat16* p, int64_t k, float v) {
+    const uint32_t u = float_bits(v);
+    const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;  // round to nearest even
+    reinterpret_cast<uint16_t*>(p)[k] = static_cast<uint16_t>(v != v ? 0x7FC0u : rounded);
+  }
+};
 
 template <typename scalar_t>
 struct FwdArgs {
@@ -133,48 +157,50 @@ struct FwdArgs {
 
 // Forward of one tile for sample s; the KL is produced with sample 0.
 template <typename scalar_t>
-inline void forward_tile(const FwdArgs<scalar_t>& a, const TilePlan& plan, const Tile& t,
+FV_INLINE void forward_tile(const FwdArgs<scalar_t>& a, const TilePlan& plan, const Tile& t,
                          int64_t s) {
   using acc_t = at::opmath_type<scalar_t>;
+  using io = Io<scalar_t>;
   alignas(64) float eps_buf[kTile + 8];
   alignas(64) acc_t kl_buf[kTile];
-  const scalar_t* mu = a.mu + t.j0;
-  const scalar_t* lv = a.lv + t.j0;
+  const scalar_t* __restrict mu = a.mu + t.j0;
+  const scalar_t* __restrict lv = a.lv + t.j0;
+  const ClampSpec clamp = a.clamp;
   const bool want_kl = s == 0 && (a.kl_elem != nullptr || a.row_kl != nullptr);
   const int64_t n = t.len;
 
   if (a.z != nullptr) {
     const int64_t flat0 = s * plan.s.N + t.j0;
-    const float* eps = stream_normals(a.seed, static_cast<uint64_t>(flat0), n, eps_buf);
-    scalar_t* z = a.z + flat0;
+    const float* __restrict eps = stream_normals(a.seed, static_cast<uint64_t>(flat0), n, eps_buf);
+    scalar_t* __restrict z = a.z + flat0;
     if (want_kl) {
       for (int64_t k = 0; k < n; ++k) {
-        const acc_t m = static_cast<acc_t>(mu[k]);
-        const acc_t l = a.clamp.apply(static_cast<acc_t>(lv[k]));
+        const acc_t m = io::load(mu, k);
+        const acc_t l = clamp.apply(io::load(lv, k));
         const acc_t sd = op_exp(acc_t(0.5) * l);
-        z[k] = static_cast<scalar_t>(m + sd * static_cast<acc_t>(eps[k]));
+        io::store(z, k, m + sd * static_cast<acc_t>(eps[k]));
         kl_buf[k] = kl_term(m, l, sd);
       }
     } else {
       for (int64_t k = 0; k < n; ++k) {
-        const acc_t m = static_cast<acc_t>(mu[k]);
-        const acc_t l = a.clamp.apply(static_cast<acc_t>(lv[k]));
+        const acc_t m = io::load(mu, k);
+        const acc_t l = clamp.apply(io::load(lv, k));
         const acc_t sd = op_exp(acc_t(0.5) * l);
-        z[k] = static_cast<scalar_t>(m + sd * static_cast<acc_t>(eps[k]));
+        io::store(z, k, m + sd * static_cast<acc_t>(eps[k]));
       }
     }
   } else if (want_kl) {
     for (int64_t k = 0; k < n; ++k) {
-      const acc_t m = static_cast<acc_t>(mu[k]);
-      const acc_t l = a.clamp.apply(static_cast<acc_t>(lv[k]));
+      const acc_t m = io::load(mu, k);
+      const acc_t l = clamp.apply(io::load(lv, k));
       kl_buf[k] = kl_term(m, l, op_exp(acc_t(0.5) * l));
     }
   }
   if (!want_kl) return;
 
   if (a.kl_elem != nullptr) {
-    scalar_t* out = a.kl_elem + t.j0;
-    for (int64_t k = 0; k < n; ++k) out[k] = static_cast<scalar_t>(kl_buf[k]);
+    scalar_t* __restrict out = a.kl_elem + t.j0;
+    for (int64_t k = 0; k < n; ++k) io::store(out, k, kl_buf[k]);
     return;
   }
   if (t.chunk >= 0) {
@@ -292,12 +318,14 @@ struct BwdArgs {
 };
 
 template <typename scalar_t>
-inline void backward_tile(const BwdArgs<scalar_t>& a, const TilePlan& plan, const Tile& t) {
+FV_INLINE void backward_tile(const BwdArgs<scalar_t>& a, const TilePlan& plan, const Tile& t) {
   using acc_t = at::opmath_type<scalar_t>;
+  using io = Io<scalar_t>;
   alignas(64) float eps_buf[kTile + 8];
   alignas(64) acc_t gz_sum[kTile];
   alignas(64) acc_t gz_eps_sum[kTile];
   alignas(64) acc_t gkl[kTile];
+  const ClampSpec clamp = a.clamp;
   const int64_t n = t.len;
   const int64_t N = plan.s.N;
   const int64_t D = plan.s.D;
@@ -309,10 +337,10 @@ inline void backward_tile(const BwdArgs<scalar_t>& a, const TilePlan& plan, cons
   if (a.grad_z != nullptr) {
     for (int64_t s = 0; s < a.num_samples; ++s) {
       const int64_t flat0 = s * N + t.j0;
-      const float* eps = stream_normals(a.seed, static_cast<uint64_t>(flat0), n, eps_buf);
-      const scalar_t* gz = a.grad_z + flat0;
+      const float* __restrict eps = stream_normals(a.seed, static_cast<uint64_t>(flat0), n, eps_buf);
+      const scalar_t* __restrict gz = a.grad_z + flat0;
       for (int64_t k = 0; k < n; ++k) {
-        const acc_t g = static_cast<acc_t>(gz[k]);
+        const acc_t g = io::load(gz, k);
         gz_sum[k] += g;
         gz_eps_sum[k] += g * static_cast<acc_t>(eps[k]);
       }
@@ -321,8 +349,8 @@ inline void backward_tile(const BwdArgs<scalar_t>& a, const TilePlan& plan, cons
   if (!a.has_grad_kl) {
     for (int64_t k = 0; k < n; ++k) gkl[k] = 0;
   } else if (a.grad_kl_elem != nullptr) {
-    const scalar_t* g = a.grad_kl_elem + t.j0;
-    for (int64_t k = 0; k < n; ++k) gkl[k] = static_cast<acc_t>(g[k]);
+    const scalar_t* __restrict g = a.grad_kl_elem + t.j0;
+    for (int64_t k = 0; k < n; ++k) gkl[k] = io::load(g, k);
   } else if (a.grad_kl_row != nullptr) {
     // Rows covered by this tile: whole rows, or one chunk of one row.
     const int64_t first_in_row = t.j0 - t.row0 * D;
@@ -336,18 +364,18 @@ inline void backward_tile(const BwdArgs<scalar_t>& a, const TilePlan& plan, cons
     for (int64_t k = 0; k < n; ++k) gkl[k] = a.grad_kl_scalar;
   }
 
-  const scalar_t* mu = a.mu + t.j0;
-  const scalar_t* lv = a.lv + t.j0;
-  scalar_t* gmu = a.grad_mu + t.j0;
-  scalar_t* glv = a.grad_lv + t.j0;
+  const scalar_t* __restrict mu = a.mu + t.j0;
+  const scalar_t* __restrict lv = a.lv + t.j0;
+  scalar_t* __restrict gmu = a.grad_mu + t.j0;
+  scalar_t* __restrict glv = a.grad_lv + t.j0;
   for (int64_t k = 0; k < n; ++k) {
-    const acc_t m = static_cast<acc_t>(mu[k]);
-    const acc_t raw = static_cast<acc_t>(lv[k]);
-    const acc_t l = a.clamp.apply(raw);
+    const acc_t m = io::load(mu, k);
+    const acc_t raw = io::load(lv, k);
+    const acc_t l = clamp.apply(raw);
     const acc_t sd = op_exp(acc_t(0.5) * l);
-    gmu[k] = static_cast<scalar_t>(gz_sum[k] + gkl[k] * m);
+    io::store(gmu, k, gz_sum[k] + gkl[k] * m);
     const acc_t gl = grad_logvar_term(sd, gz_eps_sum[k], gkl[k]);
-    glv[k] = static_cast<scalar_t>(a.clamp.passes(raw) ? gl : acc_t(0));
+    io::store(glv, k, clamp.passes(raw) ? gl : acc_t(0));
   }
 }
 

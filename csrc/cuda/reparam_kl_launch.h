@@ -6,7 +6,7 @@
 //
 // Data layout (the CPU backend's): mu / logvar contiguous, viewed as [B, D] rows with
 // N = B * D elements; z is [S, N]; element i of z's flat index uses Philox group i / 4,
-// lane i % 4. The work is cut into fixed tiles of kThreads * vec_elems<T>() elements
+// lane i % 4. The work is cut into fixed tiles of kThreads * TileShape<T>::kVec elements
 // (one block-iteration each), so the reduction tree depends on the shape only, never on
 // the grid size: reduced KL is bitwise reproducible.
 #pragma once
@@ -25,16 +25,13 @@ namespace cuda {
 constexpr int kThreads = 256;  // threads per block of every kernel here
 
 // Elements per thread per tile: 16 bytes of 16-bit types (two Philox groups), else one
-// Philox group (16 bytes of float, 32 bytes of double).
+// Philox group (16 bytes of float, 32 bytes of double). Constants (not functions) so
+// host and device code can use them without --expt-relaxed-constexpr.
 template <typename T>
-constexpr int vec_elems() {
-  return sizeof(T) == 2 ? 8 : 4;
-}
-
-template <typename T>
-constexpr int64_t tile_elems() {
-  return static_cast<int64_t>(kThreads) * vec_elems<T>();
-}
+struct TileShape {
+  static constexpr int kVec = sizeof(T) == 2 ? 8 : 4;
+  static constexpr int64_t kElems = static_cast<int64_t>(kThreads) * kVec;
+};
 
 template <typename T>
 struct AccType {
@@ -87,7 +84,7 @@ struct BwdParams {
 // Tiles of the flat [N] problem.
 template <typename T>
 inline int64_t num_tiles(int64_t N) {
-  return (N + tile_elems<T>() - 1) / tile_elems<T>();
+  return (N + TileShape<T>::kElems - 1) / TileShape<T>::kElems;
 }
 
 // acc_t elements of scratch the forward needs (two partial sums per tile for the
@@ -103,15 +100,9 @@ cudaError_t launch_reparam_kl_fwd(const FwdParams<T>& p, int num_sms, cudaStream
 template <typename T>
 cudaError_t launch_reparam_kl_bwd(const BwdParams<T>& p, int num_sms, cudaStream_t stream);
 
-// Kernel launches of one forward call (for tests and docs): 1, or 2 when the reduced
-// KL needs a separate final pass.
-template <typename T>
-int fwd_kernel_launches(int64_t N, int64_t num_samples, int64_t kl_mode);
-
 #define FV_CUDA_DECLARE(T)                                                                      \
   extern template cudaError_t launch_reparam_kl_fwd<T>(const FwdParams<T>&, int, cudaStream_t); \
-  extern template cudaError_t launch_reparam_kl_bwd<T>(const BwdParams<T>&, int, cudaStream_t); \
-  extern template int fwd_kernel_launches<T>(int64_t, int64_t, int64_t);
+  extern template cudaError_t launch_reparam_kl_bwd<T>(const BwdParams<T>&, int, cudaStream_t);
 FV_CUDA_DECLARE(float)
 FV_CUDA_DECLARE(double)
 FV_CUDA_DECLARE(__half)

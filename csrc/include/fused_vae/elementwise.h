@@ -19,11 +19,11 @@ enum KlMode : int64_t {
   kKlBatchMean = 4,
 };
 
+// Optional clamp of logvar. Absent bounds are -inf / +inf, so apply() is branch-free.
 struct ClampSpec {
-  bool has_lo = false;
-  bool has_hi = false;
-  float lo_f = 0.f, hi_f = 0.f;
-  double lo_d = 0.0, hi_d = 0.0;
+  bool active = false;  // any bound given
+  float lo_f = -INFINITY, hi_f = INFINITY;
+  double lo_d = -INFINITY, hi_d = INFINITY;
 
   FV_HD float lo(float) const { return lo_f; }
   FV_HD double lo(double) const { return lo_d; }
@@ -33,16 +33,15 @@ struct ClampSpec {
   // NaN stays NaN (as torch.clamp does).
   template <typename acc_t>
   FV_HD acc_t apply(acc_t lv) const {
-    acc_t out = (has_lo && lv < lo(lv)) ? lo(lv) : lv;
-    return (has_hi && out > hi(lv)) ? hi(lv) : out;
+    const acc_t out = lv < lo(lv) ? lo(lv) : lv;
+    return out > hi(lv) ? hi(lv) : out;
   }
 
   // Whether the gradient flows through the clamp (torch.clamp's rule: lo <= lv <= hi).
+  // Without a clamp it always flows, so NaN gradients propagate.
   template <typename acc_t>
   FV_HD bool passes(acc_t lv) const {
-    const bool above = !has_lo || lv >= lo(lv);
-    const bool below = !has_hi || lv <= hi(lv);
-    return above && below;
+    return !active | ((lv >= lo(lv)) & (lv <= hi(lv)));
   }
 };
 

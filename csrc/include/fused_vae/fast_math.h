@@ -53,7 +53,11 @@ FV_HD float fast_expf(float x) {
   float xc = is_nan ? 0.0f : x;
   xc = xc > kMaxArg ? kMaxArg : xc;
   xc = xc < kMinArg ? kMinArg : xc;
-  const float k = ::floorf(1.44269504088896341f * xc + 0.5f);
+  // floor(v) for v in [-150, 129] via truncation of a positive value (vectorises,
+  // unlike floorf).
+  const float v = 1.44269504088896341f * xc + 0.5f;
+  const int32_t n = static_cast<int32_t>(v + 256.0f) - 256;
+  const float k = static_cast<float>(n);
   float r = xc - k * 0.693359375f;
   r = r - k * -2.12194440e-4f;
   const float r2 = r * r;
@@ -64,11 +68,10 @@ FV_HD float fast_expf(float x) {
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * r2 + r + 1.0f;
-  // Scale by 2**k in two steps so subnormal results stay exact-ish.
-  const int32_t n = static_cast<int32_t>(k);
+  // Scale by 2**n in two steps so that subnormal results are reached.
   const int32_t n1 = n / 2;
   const float y = p * exp2_int(n1) * exp2_int(n - n1);
-  float out = overflow ? std::numeric_limits<float>::infinity() : y;
+  float out = overflow ? bits_float(0x7f800000u) : y;  // +inf (no constexpr host call on device)
   out = underflow ? 0.0f : out;
   return is_nan ? x : out;
 }
@@ -102,7 +105,8 @@ FV_HD float fast_logf(float x) {
 // sin and cos of x in [0, 2*pi] (Box-Muller angles).
 FV_HD void fast_sincosf_0_2pi(float x, float& s, float& c) {
   // Quadrant k = round(x / (pi/2)), remainder by 3-part Cody-Waite reduction.
-  const float k = ::floorf(x * 0.636619772367581343f + 0.5f);
+  const int32_t ki = static_cast<int32_t>(x * 0.636619772367581343f + 0.5f);  // x >= 0
+  const float k = static_cast<float>(ki);
   float r = x - k * 1.5703125f;
   r = r - k * 4.837512969970703125e-4f;
   r = r - k * 7.549789954891882e-8f;
@@ -115,7 +119,7 @@ FV_HD void fast_sincosf_0_2pi(float x, float& s, float& c) {
   pc = pc * z - 1.388731625493765e-3f;
   pc = pc * z + 4.166664568298827e-2f;
   const float cos_r = 1.0f - 0.5f * z + z * z * pc;
-  const int32_t q = static_cast<int32_t>(k) & 3;
+  const int32_t q = ki & 3;
   // q: 0 -> (sin, cos), 1 -> (cos, -sin), 2 -> (-sin, -cos), 3 -> (-cos, sin)
   const float s_abs = (q & 1) ? cos_r : sin_r;
   const float c_abs = (q & 1) ? sin_r : cos_r;

@@ -26,13 +26,12 @@ inline RowShape row_shape(const at::Tensor& mu) {
 
 inline ClampSpec make_clamp(const c10::optional<double>& lo, const c10::optional<double>& hi) {
   ClampSpec c;
-  c.has_lo = lo.has_value();
-  c.has_hi = hi.has_value();
-  if (c.has_lo) {
+  c.active = lo.has_value() || hi.has_value();
+  if (lo.has_value()) {
     c.lo_d = *lo;
     c.lo_f = static_cast<float>(*lo);
   }
-  if (c.has_hi) {
+  if (hi.has_value()) {
     c.hi_d = *hi;
     c.hi_f = static_cast<float>(*hi);
   }

@@ -40,8 +40,10 @@ FV_HD void philox4x32(uint64_t seed, uint64_t group, uint32_t& r0, uint32_t& r1,
   uint32_t c3 = 0u;
   uint32_t k0 = static_cast<uint32_t>(seed);
   uint32_t k1 = static_cast<uint32_t>(seed >> 32);
-#if defined(__CUDA_ARCH__)
+#if defined(__CUDACC__) || defined(__clang__)
 #pragma unroll
+#elif defined(__GNUC__)
+#pragma GCC unroll 10
 #endif
   for (int round = 0; round < kPhiloxRounds; ++round) {
     const uint32_t p0 = c0;

@@ -1,0 +1,36 @@
+"""Training, evaluation and data loading for the VAE models (needs the ``train`` extra:
+tqdm, matplotlib, Pillow, scikit-learn; each is imported only where used).
+
+    from fused_vae.training import TrainConfig, train
+    summary = train(TrainConfig(epochs=10))      # writes runs/digits-mlp/...
+"""
+
+from __future__ import annotations
+
+from .checkpoint import CheckpointError, atomic_save, load_checkpoint, save_checkpoint
+from .config import ConfigError, TrainConfig, load_config_file
+from .data import DataBundle, DataError, load_data, load_image_folder, load_mnist_images, load_tensor_file, read_idx
+from .evaluation import evaluate
+from .trainer import NonFiniteLossError, RunExistsError, Trainer, train
+
+__all__ = [
+    "CheckpointError",
+    "ConfigError",
+    "DataBundle",
+    "DataError",
+    "NonFiniteLossError",
+    "RunExistsError",
+    "TrainConfig",
+    "Trainer",
+    "atomic_save",
+    "evaluate",
+    "load_checkpoint",
+    "load_config_file",
+    "load_data",
+    "load_image_folder",
+    "load_mnist_images",
+    "load_tensor_file",
+    "read_idx",
+    "save_checkpoint",
+    "train",
+]

@@ -1,0 +1,121 @@
+"""Checkpoints: plain containers written atomically, read without unpickling objects."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+FORMAT = "fused_vae.checkpoint"
+VERSION = 1
+REQUIRED = ("format", "version", "model", "model_spec", "config", "epoch", "step")
+
+
+class CheckpointError(RuntimeError):
+    """A missing, corrupt or incompatible checkpoint; the message names the path."""
+
+
+def _fsync_dir(path: Path) -> None:
+    if os.name == "nt":  # pragma: no cover - directories cannot be fsync'd on Windows
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_save(obj, path: str | Path) -> None:
+    """``torch.save(obj)`` to ``path`` so that a crash leaves either the old or the new file:
+    write a temp file in the same directory, flush + fsync, ``os.replace``, fsync the dir."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    _fsync_dir(path.parent)
+
+
+def capture_rng_state() -> dict:
+    """torch's CPU and CUDA generator states as uint8 tensors."""
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict) -> None:
+    """Restores what :func:`capture_rng_state` saved (CUDA states only where devices match)."""
+    if "torch" in state:
+        torch.set_rng_state(state["torch"].cpu())
+    cuda = state.get("cuda")
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all([s.cpu() for s in cuda])
+
+
+def make_checkpoint(*, model, optimizer=None, scheduler=None, epoch: int, step: int, batch_in_epoch: int = 0,
+                    config: dict, model_spec: dict, data_info: dict | None = None, metrics: dict | None = None) -> dict:
+    """The checkpoint dict: only tensors, dicts, lists, numbers, strings and None.
+
+    ``epoch``: completed epochs; ``step``: completed optimizer steps; ``batch_in_epoch``:
+    steps done in the current (unfinished) epoch, 0 at an epoch boundary.
+    """
+    return {
+        "format": FORMAT,
+        "version": VERSION,
+        "model": model.state_dict(),
+        "model_spec": dict(model_spec),
+        "optimizer": optimizer.state_dict() if optimizer is not None else None,
+        "scheduler": scheduler.state_dict() if scheduler is not None else None,
+        "rng": capture_rng_state(),
+        "epoch": int(epoch),
+        "step": int(step),
+        "batch_in_epoch": int(batch_in_epoch),
+        "config": dict(config),
+        "data": dict(data_info or {}),
+        "metrics": dict(metrics or {}),
+        "torch_version": torch.__version__,
+    }
+
+
+def save_checkpoint(path: str | Path, **kwargs) -> None:
+    """:func:`make_checkpoint` (keyword arguments) written with :func:`atomic_save`."""
+    atomic_save(make_checkpoint(**kwargs), path)
+
+
+def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
+    """Loads and checks a checkpoint with ``torch.load(weights_only=True)``.
+
+    Raises:
+        CheckpointError: missing file, a file that is not a (complete) checkpoint, one that
+            holds arbitrary objects, or an unknown format version. The message names the path.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        ck = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # torch raises RuntimeError, UnpicklingError, EOFError, ... for bad files
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"cannot load checkpoint {path}: the file is corrupt, truncated or not a fused_vae "
+                              f"checkpoint ({type(e).__name__}: {first})") from None
+    if not isinstance(ck, dict) or ck.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a fused_vae checkpoint (no format marker {FORMAT!r})")
+    missing = [k for k in REQUIRED if k not in ck]
+    if missing:
+        raise CheckpointError(f"checkpoint {path} is incomplete: missing {', '.join(missing)}")
+    if ck["version"] != VERSION:
+        raise CheckpointError(f"checkpoint {path} has format version {ck['version']}; this fused_vae reads {VERSION}")
+    return ck
