@@ -71,9 +71,22 @@ def _ops_defined() -> bool:
         return False
 
 
+def _prebuilt_is_stale(library: Path) -> bool:
+    """In a source checkout, a library older than any C++ source would run old code."""
+    try:
+        root = csrc_dir()
+    except FileNotFoundError:
+        return False
+    built = library.stat().st_mtime
+    return any(p.stat().st_mtime > built for p in root.rglob("*") if p.suffix in {".cpp", ".cu", ".h", ".cuh"})
+
+
 def _load_prebuilt() -> bool:
     spec = importlib.util.find_spec("fused_vae._C")
     if spec is None or spec.origin is None:
+        return False
+    if _prebuilt_is_stale(Path(spec.origin)):
+        log.warning("fused_vae: %s is older than the C++ sources; JIT-building instead", spec.origin)
         return False
     torch.ops.load_library(spec.origin)
     return True
