@@ -2,7 +2,8 @@
 //
 // The flat [B, D] problem is cut into tiles of at most kTile elements: several whole rows
 // when D <= kTile, otherwise chunks of one row. Tiles run in parallel (at::parallel_for);
-// within a tile the noise is made into a small buffer (one Philox call per 4 elements)
+// within a tile the noise is made into a small buffer (one Philox call per 4 elements,
+// explicit AVX-512/AVX2 for Philox)
 // and the element loop reads mu/logvar once and writes z/KL once. Per-row KL sums are
 // produced per tile and combined in a fixed order, so results do not depend on the
 // number of threads. Hot loops are compiled for AVX-512, AVX2 and baseline x86-64 and
@@ -19,6 +20,7 @@
 #include "fused_vae/elementwise.h"
 #include "fused_vae/op_common.h"
 #include "fused_vae/philox.h"
+#include "philox_simd.h"
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__linux__)
 #define FV_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
@@ -37,17 +39,17 @@ constexpr int64_t kLanes = 16;   // independent partial sums per reduction
 constexpr int64_t kBatch = 64;   // Philox groups generated per inner batch
 
 // Writes the normals of groups [g0, g0 + ngroups) to out, 4 per group, lane-minor.
+// Philox runs in explicit SIMD (philox_simd.h); Box-Muller is vectorised by the compiler.
 FV_CLONES void normals_for_groups(uint64_t seed, uint64_t g0, int64_t ngroups, float* out) {
+  alignas(64) uint32_t r0[kBatch], r1[kBatch], r2[kBatch], r3[kBatch];
   alignas(64) float n0[kBatch], n1[kBatch], n2[kBatch], n3[kBatch];
+  const cpu::PhiloxBatchFn philox = cpu::philox_batch();
   for (int64_t base = 0; base < ngroups; base += kBatch) {
     const int64_t cnt = std::min(kBatch, ngroups - base);
+    philox(seed, g0 + static_cast<uint64_t>(base), cnt, r0, r1, r2, r3);
     for (int64_t k = 0; k < cnt; ++k) {
-      float n[4];
-      normal4(seed, g0 + static_cast<uint64_t>(base + k), n);
-      n0[k] = n[0];
-      n1[k] = n[1];
-      n2[k] = n[2];
-      n3[k] = n[3];
+      box_muller(uint_to_uniform(r0[k]), uint_to_uniform(r1[k]), n0[k], n1[k]);
+      box_muller(uint_to_uniform(r2[k]), uint_to_uniform(r3[k]), n2[k], n3[k]);
     }
     float* dst = out + 4 * base;
     for (int64_t k = 0; k < cnt; ++k) {
