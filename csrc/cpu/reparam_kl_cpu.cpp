@@ -332,22 +332,6 @@ FV_INLINE void backward_tile(const BwdArgs<scalar_t>& a, const TilePlan& plan, c
   const int64_t N = plan.s.N;
   const int64_t D = plan.s.D;
 
-  for (int64_t k = 0; k < n; ++k) {
-    gz_sum[k] = 0;
-    gz_eps_sum[k] = 0;
-  }
-  if (a.grad_z != nullptr) {
-    for (int64_t s = 0; s < a.num_samples; ++s) {
-      const int64_t flat0 = s * N + t.j0;
-      const float* __restrict eps = stream_normals(a.seed, static_cast<uint64_t>(flat0), n, eps_buf);
-      const scalar_t* __restrict gz = a.grad_z + flat0;
-      for (int64_t k = 0; k < n; ++k) {
-        const acc_t g = io::load(gz, k);
-        gz_sum[k] += g;
-        gz_eps_sum[k] += g * static_cast<acc_t>(eps[k]);
-      }
-    }
-  }
   if (!a.has_grad_kl) {
     for (int64_t k = 0; k < n; ++k) gkl[k] = 0;
   } else if (a.grad_kl_elem != nullptr) {
@@ -370,6 +354,38 @@ FV_INLINE void backward_tile(const BwdArgs<scalar_t>& a, const TilePlan& plan, c
   const scalar_t* __restrict lv = a.lv + t.j0;
   scalar_t* __restrict gmu = a.grad_mu + t.j0;
   scalar_t* __restrict glv = a.grad_lv + t.j0;
+  if (a.grad_z != nullptr && a.num_samples == 1) {
+    // One sample: a single pass, no accumulators.
+    const float* __restrict eps = stream_normals(a.seed, static_cast<uint64_t>(t.j0), n, eps_buf);
+    const scalar_t* __restrict gz = a.grad_z + t.j0;
+    for (int64_t k = 0; k < n; ++k) {
+      const acc_t m = io::load(mu, k);
+      const acc_t raw = io::load(lv, k);
+      const acc_t l = clamp.apply(raw);
+      const acc_t sd = op_exp(acc_t(0.5) * l);
+      const acc_t g = io::load(gz, k);
+      io::store(gmu, k, g + gkl[k] * m);
+      const acc_t gl = grad_logvar_term(sd, g * static_cast<acc_t>(eps[k]), gkl[k]);
+      io::store(glv, k, clamp.passes(raw) ? gl : acc_t(0));
+    }
+    return;
+  }
+  for (int64_t k = 0; k < n; ++k) {
+    gz_sum[k] = 0;
+    gz_eps_sum[k] = 0;
+  }
+  if (a.grad_z != nullptr) {
+    for (int64_t s = 0; s < a.num_samples; ++s) {
+      const int64_t flat0 = s * N + t.j0;
+      const float* __restrict eps = stream_normals(a.seed, static_cast<uint64_t>(flat0), n, eps_buf);
+      const scalar_t* __restrict gz = a.grad_z + flat0;
+      for (int64_t k = 0; k < n; ++k) {
+        const acc_t g = io::load(gz, k);
+        gz_sum[k] += g;
+        gz_eps_sum[k] += g * static_cast<acc_t>(eps[k]);
+      }
+    }
+  }
   for (int64_t k = 0; k < n; ++k) {
     const acc_t m = io::load(mu, k);
     const acc_t raw = io::load(lv, k);
