@@ -9,13 +9,12 @@ from . import backends as _backends
 from .philox import normal_stream
 
 
-def _run(mu, logvar, seed, num_samples, kl_mode, logvar_clamp, backend):
+def _sample(mu, logvar, seed, num_samples, kl_mode, logvar_clamp, backend):
     V.check_pair(mu, logvar)
-    samples = V.check_num_samples(num_samples) if kl_mode is not None else 0
+    samples = V.check_num_samples(num_samples)
     lo, hi = V.check_clamp(logvar_clamp)
     impl = _backends.resolve(backend, mu.device)
-    seed_t = V.seed_tensor(seed, mu.device) if samples else torch.zeros((), dtype=torch.int64, device=mu.device)
-    return impl.reparam_kl(mu, logvar, seed_t, samples, kl_mode, lo, hi)
+    return impl.reparam_kl(mu, logvar, V.seed_tensor(seed, mu.device), samples, kl_mode, lo, hi)
 
 
 def _shape_z(z: torch.Tensor, mu: torch.Tensor, num_samples: int | None) -> torch.Tensor:
@@ -56,7 +55,7 @@ def reparameterize_kl(
             num_samples < 1, bad logvar_clamp, unknown or unavailable backend.
     """
     mode = V.kl_mode(reduction)
-    z, kl = _run(mu, logvar, seed, num_samples, mode, logvar_clamp, backend)
+    z, kl = _sample(mu, logvar, seed, num_samples, mode, logvar_clamp, backend)
     return _shape_z(z, mu, num_samples), kl
 
 
@@ -73,7 +72,7 @@ def reparameterize(
 
     Arguments, return shape and errors are those of :func:`reparameterize_kl`.
     """
-    z, _ = _run(mu, logvar, seed, num_samples, V.KL_SKIP, logvar_clamp, backend)
+    z, _ = _sample(mu, logvar, seed, num_samples, V.KL_SKIP, logvar_clamp, backend)
     return _shape_z(z, mu, num_samples)
 
 

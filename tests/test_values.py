@@ -185,3 +185,20 @@ def test_reduced_kl_is_deterministic_and_uses_batch_size(backend):
     torch.testing.assert_close(kls[2], kls[1] / shape[0], rtol=1e-6, atol=0)
     _, kl64, _ = math64(mu, lv, 0)
     torch.testing.assert_close(kls[0].double().cpu(), kl64.sum(1), rtol=1e-5, atol=1e-4)
+
+
+def test_cpu_reductions_do_not_depend_on_thread_count():
+    if not fv.available_backends()["cpu"].available:
+        pytest.skip("cpu backend unavailable")
+    mu, lv = make_inputs((64, 5000), torch.float32, "cpu", seed=10)
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            results.append([fv.gaussian_kl(mu, lv, reduction=r, backend="cpu") for r in ("per_sample", "sum")])
+    finally:
+        torch.set_num_threads(threads)
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert torch.equal(a, b)
