@@ -169,8 +169,6 @@ def _summary_text(s: dict) -> str:
 
 # -- eval / sample ----------------------------------------------------------------------------
 def _load_run(run: str, which: str, device: str):
-    import torch
-
     from .models import build_model
     from .training.checkpoint import load_checkpoint
     from .training.distributed import resolve_device
@@ -183,7 +181,6 @@ def _load_run(run: str, which: str, device: str):
     model.load_state_dict(ck["model"])
     model.eval()
     run_dir = p if p.is_dir() else (_run_dir_of(ckpt) or ckpt.parent)
-    torch.set_grad_enabled(False)
     return ck, model, dev, run_dir
 
 
@@ -221,14 +218,15 @@ def _cmd_sample(ns) -> int:
         raise ValueError(f"-n/--num must be >= 1, got {ns.num}")
     ck, model, dev, run_dir = _load_run(ns.run, ns.checkpoint, ns.device)
     vr = tuple(ck.get("data", {}).get("value_range", (0.0, 1.0)))
-    if ns.mode == "mean":
-        imgs = model.generate(ns.num, seed=ns.seed, device=dev)
-    else:
-        from . import api
+    with torch.no_grad():
+        if ns.mode == "mean":
+            imgs = model.generate(ns.num, seed=ns.seed, device=dev)
+        else:
+            from . import api
 
-        z = api.standard_normal((ns.num, model.latent_dim), ns.seed, device=dev)
-        g = torch.Generator(device=dev).manual_seed(ns.seed)
-        imgs = model.likelihood.sample(model.decode(z), generator=g)
+            z = api.standard_normal((ns.num, model.latent_dim), ns.seed, device=dev)
+            g = torch.Generator(device=dev).manual_seed(ns.seed)
+            imgs = model.likelihood.sample(model.decode(z), generator=g)
     out = Path(ns.out) if ns.out else Path(run_dir) / f"samples-seed{ns.seed}.png"
     nrow = ns.nrow or max(1, round(ns.num ** 0.5))
     save_image_grid(imgs.cpu(), out, nrow, value_range=vr)

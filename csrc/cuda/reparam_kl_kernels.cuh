@@ -3,7 +3,9 @@
 // Needs only the CUDA toolkit and the fused_vae headers (no torch), so every kernel
 // compiles on any machine with nvcc. The per-element math (Philox, Box-Muller, exp,
 // KL and gradient terms) is the one definition in csrc/include/fused_vae/, shared with
-// the CPU backend.
+// the CPU backend (op_exp maps to CUDA's expf on the device, see fast_math.h). Math is
+// float32 for float32 / float16 / bfloat16 and float64 for float64 (the noise stays
+// float32); all element indices are 64-bit.
 //
 // Work decomposition. The flat [N] problem is cut into tiles of TILE = 256 * V elements
 // (V = 8 for 16-bit types, else 4). A block of 256 threads handles one tile per

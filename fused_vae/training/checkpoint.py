@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-import tempfile
+import uuid
 from pathlib import Path
 
 import torch
@@ -32,7 +32,8 @@ def atomic_save(obj, path: str | Path) -> None:
     write a temp file in the same directory, flush + fsync, ``os.replace``, fsync the dir."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)  # umask applies
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
@@ -86,7 +87,7 @@ def make_checkpoint(*, model, optimizer=None, scheduler=None, epoch: int, step: 
         "config": dict(config),
         "data": dict(data_info or {}),
         "metrics": dict(metrics or {}),
-        "torch_version": torch.__version__,
+        "torch_version": str(torch.__version__),
     }
 
 

@@ -74,7 +74,7 @@ class TrainConfig:
                           group="objective", type=float)
 
     # optimisation
-    epochs: int = _f(100, "number of passes over the training set", group="optimisation", type=int)
+    epochs: int = _f(500, "number of passes over the training set", group="optimisation", type=int)
     max_steps: int | None = _f(None, "stop after this many optimizer steps (also shortens the LR schedule)",
                                group="optimisation", type=int, metavar="N")
     batch_size: int = _f(100, "global batch size (all processes and micro-batches together)",
@@ -94,18 +94,19 @@ class TrainConfig:
                   group="optimisation", choices=("auto", "bf16", "off"))
     device: str = _f("auto", "auto (cuda when available), cpu, cuda, cuda:N", group="optimisation", type=str)
     seed: int = _f(0, "seed of initialization, data order and the fused op's noise", group="optimisation", type=int)
-    threads: int | None = _f(None, "CPU threads for torch (default: torch's choice; 1 is often fastest for "
-                             "small models on a busy machine)", group="optimisation", type=int, metavar="N")
+    threads: int | None = _f(None, "CPU threads for torch (default: 1 for models under 1M parameters, whose layers "
+                             "are too small to gain from threads and lose much on a busy machine; else torch's "
+                             "choice)", group="optimisation", type=int, metavar="N")
 
     # evaluation and outputs
-    eval_every: int = _f(1, "evaluate the test ELBO every N epochs (0: only at the end)", group="output", type=int,
+    eval_every: int = _f(10, "evaluate the test ELBO every N epochs (0: only at the end)", group="output", type=int,
                          metavar="N")
     eval_batch_size: int = _f(500, "batch size for evaluation", group="output", type=int)
     iwae_samples: int = _f(1000, "importance samples k for the final test NLL estimate (IWAE bound; 0: skip)",
                            group="output", type=int, metavar="K")
     iwae_chunk: int = _f(250, "importance samples decoded at once (memory vs speed)", group="output", type=int)
     log_every: int = _f(50, "write training metrics every N steps", group="output", type=int, metavar="N")
-    checkpoint_every: int = _f(1, "save checkpoints/last.pt every N epochs (and at the end)", group="output",
+    checkpoint_every: int = _f(10, "save checkpoints/last.pt every N epochs (and at the end)", group="output",
                                type=int, metavar="N")
     out_dir: str = _f("runs", "parent directory of run directories", group="output", type=str, metavar="DIR")
     name: str | None = _f(None, "run name: outputs go to OUT_DIR/NAME (default: DATA-MODEL)", group="output",

@@ -8,6 +8,9 @@ from ..models.seeds import derive_seed
 from .batches import EVAL_TAG
 from .distributed import DistContext
 
+# The IWAE estimate decodes (examples x samples) rows per pass; this bounds that number.
+IWAE_ROWS = 65536
+
 
 @torch.no_grad()
 def evaluate(model, data: torch.Tensor, *, batch_size: int = 500, seed: int = 0, iwae_samples: int = 0,
@@ -23,7 +26,7 @@ def evaluate(model, data: torch.Tensor, *, batch_size: int = 500, seed: int = 0,
         ``iwae_samples > 0``, ``test_iwae_nll`` (``-L_k``, the importance-sampled NLL
         estimate with k = iwae_samples) and ``iwae_samples``. Python floats.
     """
-    ctx = ctx or DistContext(device=data.device)
+    ctx = ctx or DistContext(device=next(model.parameters()).device)
     was_training = model.training
     model.eval()
     device = ctx.device
@@ -37,9 +40,12 @@ def evaluate(model, data: torch.Tensor, *, batch_size: int = 500, seed: int = 0,
         sums[2] += out["kl"].double().sum()
         sums[3] += x.shape[0]
         if iwae_samples:
-            ll = model.iwae_log_likelihood(x, iwae_samples, seed=derive_seed(seed, EVAL_TAG, 1, ctx.rank, b),
-                                           chunk_size=iwae_chunk)
-            sums[4] += -ll.double().sum()
+            chunk = min(iwae_chunk, iwae_samples)
+            sub = max(1, IWAE_ROWS // chunk)  # examples per IWAE pass: at most IWAE_ROWS decoded rows at once
+            for j in range(0, x.shape[0], sub):
+                ll = model.iwae_log_likelihood(x[j:j + sub], iwae_samples, chunk_size=chunk,
+                                               seed=derive_seed(seed, EVAL_TAG, 1, ctx.rank, b, j))
+                sums[4] += -ll.double().sum()
     ctx.all_reduce_sum(sums)
     model.train(was_training)
     n = max(sums[3].item(), 1.0)

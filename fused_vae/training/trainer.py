@@ -6,11 +6,13 @@ import contextlib
 import json
 import math
 import os
+import sys
 import time
 from pathlib import Path
 
 import torch
 
+from .. import backends as _backends
 from ..models import build_model, kl_warmup_beta
 from .batches import TrainBatches, binarize_generator, noise_seed
 from .checkpoint import CheckpointError, atomic_save, load_checkpoint, make_checkpoint, restore_rng_state
@@ -22,6 +24,8 @@ from .optim import make_optimizer, make_scheduler
 
 # Largest training set (bytes) copied to an accelerator up front; larger sets stay in host memory.
 _DEVICE_DATA_LIMIT = 2 << 30
+# Below this many parameters a CPU run uses one thread unless --threads says otherwise.
+SMALL_MODEL_PARAMS = 1_000_000
 
 
 class NonFiniteLossError(RuntimeError):
@@ -111,11 +115,11 @@ class Trainer:
             NonFiniteLossError: a NaN/Inf loss or gradient (the step is not taken).
         """
         ctx = setup(self.cfg.device)
-        if self.cfg.threads:
-            torch.set_num_threads(self.cfg.threads)
+        threads = torch.get_num_threads()
         try:
             return self._fit(ctx)
         finally:
+            torch.set_num_threads(threads)
             ctx.close()
 
     def _fit(self, ctx: DistContext) -> dict:
@@ -132,6 +136,11 @@ class Trainer:
 
         torch.manual_seed(cfg.seed)
         model = build_model(spec, backend=cfg.backend).to(device)
+        backend_name = _backends.resolve(cfg.backend, device).name
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        elif device.type == "cpu" and sum(p.numel() for p in model.parameters()) < SMALL_MODEL_PARAMS:
+            torch.set_num_threads(1)
         train_x = data.train
         if device.type != "cpu" and train_x.numel() * 4 <= _DEVICE_DATA_LIMIT:
             train_x = train_x.to(device)
@@ -171,13 +180,8 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             logger = MetricsLogger(self.run_dir, tensorboard=cfg.tensorboard, resume_step=step if ck else None)
             _write_json(self.run_dir / "config.json", cfg.to_dict())
-        try:
-            backend_name = __import__("fused_vae.backends", fromlist=["resolve"]).resolve(cfg.backend, device).name
-        except Exception:  # pragma: no cover - reported only
-            backend_name = str(cfg.backend)
         data_info = {"name": data.name, "input_shape": list(data.input_shape), "value_range": list(data.value_range),
                      "num_train": int(data.train.shape[0]), "num_test": int(data.test.shape[0])}
-        self.state = dict(model=model, optimizer=optimizer, scheduler=scheduler, spec=spec, data_info=data_info)
 
         def checkpoint(name: str, metrics: dict) -> None:
             if not ctx.is_main:
@@ -190,12 +194,14 @@ class Trainer:
                 self.last_good = (path, step)
 
         tqdm = _tqdm()
-        pbar = tqdm(total=total_steps, initial=step, desc=cfg.run_name, dynamic_ncols=True,
-                    disable=not (cfg.progress and ctx.is_main), unit="step")
+        show_bar = cfg.progress and ctx.is_main and sys.stderr.isatty()
+        pbar = tqdm(total=total_steps, initial=step, desc=cfg.run_name, dynamic_ncols=True, disable=not show_bar,
+                    unit="step")
         t0 = time.perf_counter()
         window = torch.zeros(5, dtype=torch.float64, device=device)  # loss, recon, kl, elbo, grad_norm sums
         window_n = 0
         last_eval: dict = {}
+        postfix: dict = {}
         done = step >= total_steps or epoch >= cfg.epochs
         try:
             while not done:
@@ -216,8 +222,8 @@ class Trainer:
                                "time_s": round(elapsed0 + time.perf_counter() - t0, 3)}
                         if logger:
                             logger.log(rec)
-                        pbar.set_postfix(loss=f"{w[0]:.3f}", **({"test_elbo": f"{last_eval['test_elbo']:.3f}"}
-                                                                 if last_eval else {}))
+                        postfix["loss"] = f"{w[0]:.3f}"
+                        pbar.set_postfix(postfix)
                         window.zero_()
                         window_n = 0
                     pbar.update(1)
@@ -236,9 +242,10 @@ class Trainer:
                     rec = {"kind": "eval", "step": step, "epoch": round(step / spe, 4), **last_eval}
                     if logger:
                         logger.log(rec)
-                    if not cfg.progress and ctx.is_main:
+                    if ctx.is_main and not show_bar:
                         print(_eval_line(rec), flush=True)
-                    pbar.set_postfix(test_elbo=f"{last_eval['test_elbo']:.3f}")
+                    postfix["test_elbo"] = f"{last_eval['test_elbo']:.3f}"
+                    pbar.set_postfix(postfix)
                     improved = last_eval["test_elbo"] > best
                     best = max(best, last_eval["test_elbo"])
                     metrics = {**last_eval, "best_test_elbo": best,
@@ -271,7 +278,7 @@ class Trainer:
             "fused_backend": backend_name,
             "amp": self.amp,
             "fused_adamw": fused,
-            "torch": torch.__version__,
+            "torch": str(torch.__version__),
         }
         if ctx.is_main:
             self._write_outputs(model, data, logger.records if logger else [])

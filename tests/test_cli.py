@@ -1,0 +1,112 @@
+"""The command line: help, train / eval / sample, config files, resume, error messages."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fused_vae.cli import main
+from fused_vae.training.config import TrainConfig
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["--max-train-examples", "200", "--max-test-examples", "50", "--batch-size", "50", "--hidden", "16",
+        "--latent-dim", "4", "--iwae-samples", "10", "--no-progress", "--eval-every", "1", "--checkpoint-every", "1"]
+
+
+def _run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_help_documents_every_option(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    for f in dataclasses.fields(TrainConfig):
+        assert "--" + f.name.replace("_", "-") in text, f.name
+    for opt in ("--config", "--resume", "--overwrite"):
+        assert opt in text
+    for cmd, opts in (("eval", ("--iwae-samples", "--checkpoint", "--data-path", "--out")),
+                      ("sample", ("--num", "--seed", "--mode", "--out", "--npy"))):
+        with pytest.raises(SystemExit):
+            main([cmd, "--help"])
+        text = capsys.readouterr().out
+        assert all(o in text for o in opts)
+
+
+def test_python_dash_m_entry_point():
+    res = subprocess.run([sys.executable, "-m", "fused_vae", "--help"], cwd=REPO, capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode == 0 and "train" in res.stdout and "sample" in res.stdout
+
+
+def test_train_eval_sample_and_resume(tmp_path, capsys):
+    code, out, _ = _run(capsys, "train", *TINY, "--epochs", "1", "--out-dir", str(tmp_path), "--name", "r")
+    assert code == 0 and "test ELBO" in out and "test NLL (IWAE, k=10)" in out
+    run = tmp_path / "r"
+    assert (run / "samples.png").is_file()
+
+    code, out, _ = _run(capsys, "eval", str(run), "--iwae-samples", "20")
+    res = json.loads(out)
+    assert code == 0 and res["iwae_samples"] == 20 and res["num_test"] == 50 and res["checkpoint_step"] == 4
+    assert res["test_iwae_nll"] <= -res["test_elbo"] + 1.0
+
+    code, out, _ = _run(capsys, "sample", str(run / "checkpoints" / "best.pt"), "-n", "6", "--out",
+                        str(tmp_path / "s.png"), "--npy", str(tmp_path / "s.npy"), "--mode", "sample")
+    assert code == 0 and (tmp_path / "s.png").is_file()
+    arr = np.load(tmp_path / "s.npy")
+    assert arr.shape == (6, 1, 8, 8) and set(np.unique(arr)) <= {0.0, 1.0}
+    code, out, _ = _run(capsys, "sample", str(run))
+    assert code == 0 and (run / "samples-seed0.png").is_file()
+
+    # Resume with more epochs: the stored config is kept, the flag overrides it.
+    code, out, err = _run(capsys, "train", "--out-dir", str(tmp_path), "--name", "r", "--resume", "--epochs", "2")
+    assert code == 0, err
+    summary = json.loads((run / "summary.json").read_text())
+    cfg = json.loads((run / "config.json").read_text())
+    assert summary["steps"] == 8 and cfg["epochs"] == 2 and cfg["hidden"] == [16]
+    # A run moved elsewhere resumes from its checkpoint path.
+    moved = tmp_path / "moved"
+    run.rename(moved)
+    code, out, err = _run(capsys, "train", "--resume", str(moved / "checkpoints" / "last.pt"), "--epochs", "3")
+    assert code == 0, err
+    assert json.loads((moved / "summary.json").read_text())["steps"] == 12
+
+
+def test_config_file_and_flags(tmp_path, capsys):
+    (tmp_path / "cfg.toml").write_text(f'epochs = 1\nlr = 0.01\nname = "fromfile"\nout_dir = "{tmp_path.as_posix()}"\n')
+    code, _, err = _run(capsys, "train", "--config", str(tmp_path / "cfg.toml"), *TINY, "--lr", "0.005")
+    assert code == 0, err
+    cfg = json.loads((tmp_path / "fromfile" / "config.json").read_text())
+    assert cfg["lr"] == 0.005 and cfg["epochs"] == 1
+
+
+def test_errors_are_clear_and_set_the_exit_status(tmp_path, capsys):
+    code, _, err = _run(capsys, "train", "--data", "mnist", "--data-path", str(tmp_path / "no-mnist"),
+                        "--out-dir", str(tmp_path))
+    assert code == 1 and "no-mnist" in err and "idx3-ubyte" in err
+    (tmp_path / "bad.json").write_text('{"epochz": 3}')
+    code, _, err = _run(capsys, "train", "--config", str(tmp_path / "bad.json"))
+    assert code == 2 and "epochz" in err and "bad.json" in err
+    code, _, err = _run(capsys, "train", "--data", "tensor")
+    assert code == 2 and "data_path" in err
+    code, _, _ = _run(capsys, "train", *TINY, "--epochs", "1", "--out-dir", str(tmp_path), "--name", "x")
+    assert code == 0
+    code, _, err = _run(capsys, "train", *TINY, "--epochs", "1", "--out-dir", str(tmp_path), "--name", "x")
+    assert code == 2 and "--resume" in err and "--overwrite" in err
+    code, _, err = _run(capsys, "train", *TINY, "--epochs", "1", "--out-dir", str(tmp_path), "--name", "x",
+                        "--overwrite")
+    assert code == 0
+    (tmp_path / "x" / "checkpoints" / "last.pt").write_bytes(b"truncated")
+    code, _, err = _run(capsys, "eval", str(tmp_path / "x"))
+    assert code == 1 and "last.pt" in err and "corrupt" in err
+    code, _, err = _run(capsys, "sample", str(tmp_path / "nothing.pt"))
+    assert code == 1 and "nothing.pt" in err

@@ -1,0 +1,177 @@
+"""The trainer: the loss goes down, outputs are written, IWAE vs ELBO, NaN detection, options."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from fused_vae.training import DataBundle, NonFiniteLossError, TrainConfig, evaluate, load_checkpoint, train
+from fused_vae.training.config import ConfigError, load_config_file
+
+
+def tiny(tmp_path, **kw) -> TrainConfig:
+    """A seconds-long run on digits with a small MLP."""
+    base = dict(max_train_examples=400, max_test_examples=100, batch_size=50, hidden=[64], latent_dim=8, epochs=3,
+                eval_every=1, checkpoint_every=1, iwae_samples=0, log_every=1, progress=False,
+                out_dir=str(tmp_path), name="run", backend="cpu")
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def _records(run_dir, kind):
+    return [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if r["kind"] == kind]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One short default-architecture run shared by several tests."""
+    out = tmp_path_factory.mktemp("trained")
+    cfg = tiny(out, hidden=[200, 200], latent_dim=50, epochs=15, max_train_examples=None, max_test_examples=None,
+               batch_size=100, lr=2e-3, eval_every=5, checkpoint_every=5, log_every=10, iwae_samples=200)
+    return cfg, train(cfg)
+
+
+def test_short_run_lowers_the_loss_and_writes_every_output(trained):
+    cfg, summary = trained
+    run = cfg.run_dir
+    tr = _records(run, "train")
+    assert tr[-1]["loss"] < 0.8 * tr[0]["loss"]
+    ev = _records(run, "eval")
+    assert [e["step"] for e in ev] == [70, 140, 210]
+    assert ev[-1]["test_elbo"] > ev[0]["test_elbo"]
+    assert summary["test_elbo"] == ev[-1]["test_elbo"] and summary["steps"] == 210
+    for name in ("config.json", "summary.json", "metrics.jsonl", "metrics.csv", "reconstructions.png", "samples.png",
+                 "interpolation.png", "loss_curves.png", "checkpoints/last.pt", "checkpoints/best.pt"):
+        assert (run / name).is_file(), name
+    from PIL import Image
+
+    for name in ("reconstructions.png", "samples.png", "interpolation.png", "loss_curves.png"):
+        with Image.open(run / name) as im:
+            im.verify()
+    assert json.loads((run / "config.json").read_text()) == cfg.to_dict()
+    header = (run / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert {"kind", "step", "loss", "test_elbo", "test_iwae_nll"} <= set(header)
+
+
+def test_iwae_nll_is_below_minus_elbo_on_a_trained_model(trained):
+    cfg, summary = trained
+    # The IWAE bound L_k (k=200) is tighter than the ELBO: NLL estimate <= -ELBO.
+    assert summary["test_iwae_nll"] <= -summary["test_elbo"]
+    assert -summary["test_elbo"] - summary["test_iwae_nll"] < 5.0  # and not absurdly far from it
+    from fused_vae.models import build_model
+    from fused_vae.training import load_data
+
+    ck = load_checkpoint(cfg.run_dir / "checkpoints" / "last.pt")
+    model = build_model(ck["model_spec"])
+    model.load_state_dict(ck["model"])
+    test = load_data(cfg).test[:100]
+    res = {k: evaluate(model, test, iwae_samples=k, seed=1)["test_iwae_nll"] for k in (1, 10, 100)}
+    elbo = evaluate(model, test, seed=1)["test_elbo"]
+    assert res[100] <= res[10] <= res[1] + 0.05 and res[100] <= -elbo
+
+
+def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+    from fused_vae.models.base import VAE
+
+    real = VAE.forward
+    calls = {"n": 0}
+
+    def forward(self, x, **kw):
+        out = real(self, x, **kw)
+        calls["n"] += 1
+        if calls["n"] == 11:  # step 11: the 3rd step of epoch 3 (4 steps per epoch)
+            out["loss"] = out["loss"] * float("nan")
+        return out
+
+    monkeypatch.setattr(VAE, "forward", forward)
+    cfg = tiny(tmp_path, max_train_examples=200)
+    with pytest.raises(NonFiniteLossError, match=r"step 11 \(epoch 3, batch 3\).*checkpoints/last\.pt \(step 8\)"):
+        train(cfg)
+    ck = load_checkpoint(cfg.run_dir / "checkpoints" / "last.pt")
+    assert ck["step"] == 8 and all(torch.isfinite(v).all() for v in ck["model"].values())
+    errors = _records(cfg.run_dir, "error")
+    assert errors and errors[0]["step"] == 11
+
+
+def test_nan_in_the_first_step_says_no_checkpoint_exists(tmp_path):
+    x = torch.rand(60, 1, 4, 4)
+    x[::2] = float("nan")
+    bundle = DataBundle(train=x, test=torch.rand(10, 1, 4, 4), name="bad")
+    with pytest.raises(NonFiniteLossError, match=r"step 1 .*no checkpoint"):
+        train(tiny(tmp_path, batch_size=20), data=bundle)
+
+
+def test_options_conv_gaussian_warmup_free_bits(tmp_path):
+    import numpy as np
+
+    np.save(tmp_path / "x.npy", (np.random.default_rng(0).random((120, 3, 6, 6)) * 4 - 2).astype(np.float32))
+    cfg = tiny(tmp_path, data="tensor", data_path=str(tmp_path / "x.npy"), model="conv", conv_channels=[4, 8],
+               hidden=[16], likelihood="gaussian", learn_sigma=True, sigma=1.0, kl_warmup_steps=4, free_bits=0.1,
+               batch_size=20, epochs=2, lr_warmup_steps=2, lr_schedule="linear", grad_clip=0.0, iwae_samples=8,
+               logvar_clamp=[-10.0, 10.0])
+    summary = train(cfg)
+    tr = _records(cfg.run_dir, "train")
+    assert [round(r["beta"], 3) for r in tr[:5]] == [0.0, 0.25, 0.5, 0.75, 1.0]
+    assert tr[0]["lr"] == pytest.approx(1e-3)  # warm-up step 2 of 2 done after the first step
+    assert "test_iwae_nll" in summary
+    ck = load_checkpoint(cfg.run_dir / "checkpoints" / "last.pt")
+    assert "likelihood.log_sigma" in ck["model"] and ck["model_spec"]["kind"] == "conv"
+
+
+def test_config_files_and_validation(tmp_path):
+    (tmp_path / "c.toml").write_text('epochs = 3\nhidden = [10, 20]\n[unused]\n')
+    with pytest.raises(ConfigError, match="unused"):
+        TrainConfig.from_dict(load_config_file(tmp_path / "c.toml"))
+    (tmp_path / "c.toml").write_text('epochs = 3\nhidden = [10, 20]\nlatent-dim = 7\n')
+    cfg = TrainConfig.from_dict(load_config_file(tmp_path / "c.toml"))
+    assert (cfg.epochs, cfg.hidden, cfg.latent_dim) == (3, [10, 20], 7)
+    (tmp_path / "c.json").write_text('{"train": {"lr": 0.01, "model": "conv"}}')
+    cfg = TrainConfig.from_dict(load_config_file(tmp_path / "c.json"))
+    assert (cfg.lr, cfg.model) == (0.01, "conv")
+    (tmp_path / "bad.json").write_text("{oops")
+    with pytest.raises(ConfigError, match=r"bad\.json.*parse"):
+        load_config_file(tmp_path / "bad.json")
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config_file(tmp_path / "nope.toml")
+    with pytest.raises(ConfigError, match="batch_size"):
+        TrainConfig.from_dict({"batch_size": 0})
+    with pytest.raises(ConfigError, match="binarize"):
+        TrainConfig.from_dict({"binarize": "dynamic", "likelihood": "gaussian"})
+    with pytest.raises(ConfigError, match="divisible"):
+        train(tiny(tmp_path, batch_size=50, grad_accum=3))
+
+
+def test_tensorboard_on_requires_the_package(tmp_path):
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        with pytest.raises(RuntimeError, match="pip install tensorboard"):
+            train(tiny(tmp_path, epochs=1, tensorboard="on"))
+    else:  # pragma: no cover - only where tensorboard is installed
+        train(tiny(tmp_path, epochs=1, tensorboard="on"))
+        assert (tmp_path / "run" / "tensorboard").is_dir()
+
+
+def test_paper_architecture_on_mnist_idx_files(tmp_path):
+    """The IWAE paper's net (200-200 tanh, 50 latents) on (synthetic) MNIST IDX files with
+    dynamic binarization: the run a user makes with their own MNIST files."""
+    import gzip
+    import struct
+
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    root = tmp_path / "mnist"
+    root.mkdir()
+    for split_name, n in (("train", 100), ("t10k", 20)):
+        arr = (rng.random((n, 28, 28)) < 0.2).astype(np.uint8) * 255
+        head = bytes([0, 0, 8, 3]) + struct.pack(">3I", n, 28, 28)
+        (root / f"{split_name}-images-idx3-ubyte.gz").write_bytes(gzip.compress(head + arr.tobytes()))
+    cfg = tiny(tmp_path, data="mnist", data_path=str(root), binarize="dynamic", hidden=[200, 200], latent_dim=50,
+               epochs=2, iwae_samples=20)
+    summary = train(cfg)
+    ck = load_checkpoint(cfg.run_dir / "checkpoints" / "last.pt")
+    assert ck["model_spec"]["input_shape"] == [1, 28, 28] and ck["model_spec"]["hidden"] == [200, 200]
+    assert summary["steps"] == 4 and summary["test_iwae_nll"] <= -summary["test_elbo"] + 1.0
