@@ -31,6 +31,7 @@ MODES = ("forward", "backward", "forward+backward")
 # Minimum bytes moved, in units of elements: forward reads mu, logvar and writes z;
 # backward reads grad_z, mu, logvar and writes grad_mu, grad_logvar.
 MIN_ELEMENTS_MOVED = {"forward": 3, "backward": 5, "forward+backward": 8}
+MAX_RAW_TIMES = 100  # raw per-run times kept in the result file (evenly spaced)
 
 
 def fused(mu, logvar):
@@ -66,8 +67,16 @@ def measure(setup, timed, min_run_time: float, min_runs: int = 20) -> dict:
         t0 = time.perf_counter()
         timed(state)
         times.append(time.perf_counter() - t0)
-    q1, med, q3 = statistics.quantiles(times, n=4)
-    return {"median_s": statistics.median(times), "iqr_s": q3 - q1, "min_s": min(times), "runs": len(times), "times_s": times}
+    q1, _, q3 = statistics.quantiles(times, n=4)
+    stride = max(1, len(times) // MAX_RAW_TIMES)
+    return {
+        "median_s": statistics.median(times),
+        "iqr_s": q3 - q1,
+        "min_s": min(times),
+        "runs": len(times),
+        "times_s_every_nth": stride,
+        "times_s": times[::stride][:MAX_RAW_TIMES],
+    }
 
 
 def main(argv=None) -> int:

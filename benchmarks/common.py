@@ -6,6 +6,7 @@ import datetime as _dt
 import json
 import os
 import platform
+import subprocess
 from pathlib import Path
 
 import torch
@@ -40,6 +41,10 @@ def environment() -> dict:
         "fused_vae": fused_vae.__version__,
         "platform": platform.platform(),
     }
+    try:
+        env["cxx"] = subprocess.run(["c++", "--version"], capture_output=True, text=True).stdout.splitlines()[0]
+    except (OSError, IndexError):
+        pass
     if torch.cuda.is_available():
         env["gpu"] = torch.cuda.get_device_name()
         env["cuda"] = torch.version.cuda
