@@ -22,8 +22,10 @@
 #include "fused_vae/philox.h"
 #include "philox_simd.h"
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__linux__)
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__linux__) && __GNUC__ >= 11
 #define FV_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#elif defined(__x86_64__) && defined(__GNUC__) && defined(__linux__)
+#define FV_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
 #else
 #define FV_CLONES
 #endif
