@@ -133,3 +133,25 @@ def test_no_grad_inputs_and_empty_backward(backend):
     mu2, lv2 = make_inputs((2, 3), torch.float32, device, seed=0)
     z2, kl2 = fv.reparameterize_kl(mu2, lv2, backend=name)
     assert not z2.requires_grad and not kl2.requires_grad
+
+
+@pytest.mark.parametrize("shape", [(2, 4500), (3, 2049), (700, 3), (5, 7, 300)], ids=str)
+@pytest.mark.parametrize("reduction", ["per_sample", "batchmean"])
+def test_gradients_for_long_and_short_rows(backend, shape, reduction):
+    """Rows split across tiles, and many rows per tile, route grad_kl to the right row."""
+    name, device = backend
+    if name == "triton" and device == "cpu" and shape[-1] > 1000:
+        shape = (2, 600)
+    mu, lv = make_inputs(shape, torch.float32, device, seed=27, requires_grad=True)
+    z, kl = fv.reparameterize_kl(mu, lv, reduction=reduction, seed=12, backend=name)
+    g = torch.Generator().manual_seed(5)
+    gz = torch.randn(z.shape, generator=g).to(device)
+    gkl = torch.randn(kl.shape, generator=g).to(device)
+    torch.autograd.backward((z, kl), (gz, gkl))
+    if reduction == "per_sample":
+        gkl_elem = gkl.cpu().reshape(-1, *([1] * (len(shape) - 1))).expand(shape)
+    else:
+        gkl_elem = gkl.cpu().expand(shape) / shape[0]
+    g_mu, g_lv = expected_grads(mu, lv, 12, gz, gkl_elem)
+    torch.testing.assert_close(mu.grad.cpu().double(), g_mu, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lv.grad.cpu().double(), g_lv, rtol=1e-5, atol=1e-5)
