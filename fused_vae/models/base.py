@@ -34,6 +34,22 @@ def make_activation(name: str) -> nn.Module:
     return ACTIVATIONS[name]()
 
 
+def model_spec(kind: str, input_shape, latent_dim: int, activation: str, likelihood: str, sigma: float,
+               learn_sigma: bool, logvar_clamp, **extra) -> dict:
+    """The JSON-able description of a model that a checkpoint stores to rebuild it."""
+    return dict(
+        kind=kind,
+        input_shape=list(input_shape),
+        latent_dim=int(latent_dim),
+        **extra,
+        activation=activation,
+        likelihood=likelihood,
+        sigma=float(sigma),
+        learn_sigma=bool(learn_sigma),
+        logvar_clamp=list(logvar_clamp) if logvar_clamp is not None else None,
+    )
+
+
 class VAE(nn.Module):
     """A VAE with a flat latent of ``latent_dim`` units.
 

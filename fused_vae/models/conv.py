@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import math
 
 from torch import nn
 
-from .base import VAE, make_activation
+from .base import VAE, make_activation, model_spec
 from .likelihoods import build_likelihood
 
 
@@ -77,19 +76,9 @@ class ConvVAE(VAE):
             if i < len(outs) - 1:
                 dec.append(make_activation(activation))
             prev = out_ch
-        spec = dict(
-            kind="conv",
-            input_shape=list(input_shape),
-            latent_dim=int(latent_dim),
-            channels=channels,
-            hidden=hidden,
-            activation=activation,
-            likelihood=likelihood,
-            sigma=float(sigma),
-            learn_sigma=bool(learn_sigma),
-            logvar_clamp=list(logvar_clamp) if logvar_clamp is not None else None,
+        spec = model_spec(
+            "conv", input_shape, latent_dim, activation, likelihood, sigma, learn_sigma, logvar_clamp, channels=channels, hidden=hidden
         )
-        assert math.prod(input_shape) > 0
         super().__init__(
             encoder,
             nn.Sequential(*dec),

@@ -6,7 +6,7 @@ import math
 
 from torch import nn
 
-from .base import VAE, make_activation
+from .base import VAE, make_activation, model_spec
 from .likelihoods import build_likelihood
 
 
@@ -58,16 +58,8 @@ class MLPVAE(VAE):
         d = math.prod(input_shape)
         encoder = nn.Sequential(nn.Flatten(), mlp([d, *hidden, 2 * latent_dim], activation))
         decoder = mlp([latent_dim, *reversed(hidden), d], activation)
-        spec = dict(
-            kind="mlp",
-            input_shape=list(input_shape),
-            latent_dim=int(latent_dim),
-            hidden=hidden,
-            activation=activation,
-            likelihood=likelihood,
-            sigma=float(sigma),
-            learn_sigma=bool(learn_sigma),
-            logvar_clamp=list(logvar_clamp) if logvar_clamp is not None else None,
+        spec = model_spec(
+            "mlp", input_shape, latent_dim, activation, likelihood, sigma, learn_sigma, logvar_clamp, hidden=hidden
         )
         super().__init__(
             encoder,
