@@ -39,13 +39,13 @@ def extension_modules():
         from torch.utils import cpp_extension as ce
     except ImportError:
         return [], {}
-    sources = [str(p.relative_to(ROOT)) for p in [CSRC / "ops.cpp", *sorted((CSRC / "cpu").glob("*.cpp"))]]
+    sources = [str(p.relative_to(ROOT)) for p in [CSRC / "ops.cpp", CSRC / "autograd.cpp", *sorted((CSRC / "cpu").glob("*.cpp"))]]
     cuda_sources = [str(p.relative_to(ROOT)) for p in sorted((CSRC / "cuda").glob("*.cu"))]
     with_cuda = torch.version.cuda is not None and ce.CUDA_HOME is not None and bool(cuda_sources)
     args = {"cxx": ["-O3", "-DNDEBUG", "-fno-math-errno", "-fno-trapping-math", "-fopenmp"]}
     if with_cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
-        args["nvcc"] = ["-O3", "-DNDEBUG", "-lineinfo"]  # no --use_fast_math: see fused_vae/_extension.py
+        args["nvcc"] = ["-O3", "-DNDEBUG", "-lineinfo"]  # no --use_fast_math: see fused_vae/backends/build.py
         ext = ce.CUDAExtension(
             "fused_vae._C", sources + cuda_sources, include_dirs=[str(CSRC / "include")], extra_compile_args=args,
             extra_link_args=["-fopenmp"],

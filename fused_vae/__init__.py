@@ -8,13 +8,14 @@ Backends: "cpu" (C++), "cuda" (CUDA C++), "triton", "reference" (pure PyTorch).
 """
 
 from .api import gaussian_kl, reparameterize, reparameterize_kl, standard_normal
-from .backends import BackendInfo, available_backends
+from .backends import BackendInfo, available_backends, backend_for
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BackendInfo",
     "available_backends",
+    "backend_for",
     "gaussian_kl",
     "reparameterize",
     "reparameterize_kl",

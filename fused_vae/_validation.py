@@ -1,4 +1,4 @@
-"""Argument checks shared by the public functions. Every error names the argument."""
+"""Argument checks of the public functions (docs/design.md, "Errors"). Every error names the argument."""
 
 from __future__ import annotations
 
@@ -8,12 +8,9 @@ from collections.abc import Sequence
 
 import torch
 
-SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
-_DTYPE_NAMES = "float32, float64, float16 or bfloat16"
+from .backends.protocol import KL_MODES, SUPPORTED_DTYPES
 
-# KL modes as understood by the ops (see csrc/include/fused_vae/elementwise.h).
-KL_SKIP = 0
-KL_MODES = {"none": 1, "per_sample": 2, "sum": 3, "batchmean": 4}
+_DTYPE_NAMES = "float32, float64, float16 or bfloat16"
 
 SEED_MAX = 2**64
 

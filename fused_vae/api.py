@@ -1,24 +1,56 @@
-"""The public functions of fused_vae (see DESIGN.md for the full contract)."""
+"""The public functions of fused_vae (docs/design.md is the full contract).
+
+Reverse-mode autograd runs the fused forward and backward ops of the chosen backend.
+Under forward-mode AD (``torch.autograd.forward_ad``, ``torch.func.jvp`` / ``jacfwd``)
+and the other torch.func transforms (``grad``, ``vjp``, ``jacrev``, ``hessian``,
+``vmap``) the functions compute the same math with differentiable PyTorch operations
+(the reference backend's form, eps from the same seed's stream), so every mode gets the
+same values, to float rounding, and exact derivatives.
+"""
 
 from __future__ import annotations
 
 import torch
+from torch.autograd import forward_ad as _forward_ad
 
 from . import _validation as V
 from . import backends as _backends
+from .backends import protocol as P
+from .backends.reference import forward_from_eps
+from .backends.reference import noise as reference_noise
 from .philox import normal_stream
 
+_maybe_functorch_level = torch._C._functorch.maybe_current_level
+_kl_seeds: dict[torch.device, torch.Tensor] = {}
 
-def _sample(mu, logvar, seed, num_samples, kl_mode, logvar_clamp, backend):
+
+def _transform_active() -> bool:
+    """Whether forward-mode AD or a torch.func transform is running (eager only)."""
+    if torch.compiler.is_compiling():
+        return False
+    return _forward_ad._current_level >= 0 or _maybe_functorch_level() is not None
+
+
+def _run(mu, logvar, seed, num_samples, kl_mode, logvar_clamp, backend):
+    """Checks the arguments and runs the op; z is ``[S, *mu.shape]`` (``[0]`` for S = 0)."""
     V.check_pair(mu, logvar)
-    samples = V.check_num_samples(num_samples)
-    lo, hi = V.check_clamp(logvar_clamp)
+    lo, hi = (None, None) if logvar_clamp is None else V.check_clamp(logvar_clamp)
     impl = _backends.resolve(backend, mu.device)
-    return impl.reparam_kl(mu, logvar, V.seed_tensor(seed, mu.device), samples, kl_mode, lo, hi)
+    if num_samples == 0:  # gaussian_kl: the op takes a seed it does not read
+        seed_t = _kl_seeds.get(mu.device)
+        if seed_t is None:
+            seed_t = _kl_seeds.setdefault(mu.device, torch.zeros((), dtype=torch.int64, device=mu.device))
+    else:
+        seed_t = V.seed_tensor(seed, mu.device)
+    if _transform_active():
+        eps = reference_noise(mu, seed_t, num_samples) if num_samples > 0 else None
+        return forward_from_eps(mu, logvar, eps, kl_mode, lo, hi)
+    return impl.reparam_kl(mu, logvar, seed_t, num_samples, kl_mode, lo, hi)
 
 
-def _shape_z(z: torch.Tensor, mu: torch.Tensor, num_samples: int | None) -> torch.Tensor:
-    return z.view(mu.shape) if num_samples is None else z
+def _kl_mode(reduction: object) -> int:
+    mode = P.KL_MODES.get(reduction) if isinstance(reduction, str) else None
+    return V.kl_mode(reduction) if mode is None else mode
 
 
 def reparameterize_kl(
@@ -54,9 +86,9 @@ def reparameterize_kl(
         ValueError: differing shapes or devices, 0-d inputs, bad reduction,
             num_samples < 1, bad logvar_clamp, unknown or unavailable backend.
     """
-    mode = V.kl_mode(reduction)
-    z, kl = _sample(mu, logvar, seed, num_samples, mode, logvar_clamp, backend)
-    return _shape_z(z, mu, num_samples), kl
+    samples = 1 if num_samples is None else V.check_num_samples(num_samples)
+    z, kl = _run(mu, logvar, seed, samples, _kl_mode(reduction), logvar_clamp, backend)
+    return (z.view(mu.shape) if num_samples is None else z), kl
 
 
 def reparameterize(
@@ -72,8 +104,9 @@ def reparameterize(
 
     Arguments, return shape and errors are those of :func:`reparameterize_kl`.
     """
-    z, _ = _sample(mu, logvar, seed, num_samples, V.KL_SKIP, logvar_clamp, backend)
-    return _shape_z(z, mu, num_samples)
+    samples = 1 if num_samples is None else V.check_num_samples(num_samples)
+    z, _ = _run(mu, logvar, seed, samples, P.KL_SKIP, logvar_clamp, backend)
+    return z.view(mu.shape) if num_samples is None else z
 
 
 def gaussian_kl(
@@ -89,12 +122,7 @@ def gaussian_kl(
     Per element ``0.5 * (mu^2 + exp(logvar) - logvar - 1)``; differentiable.
     Errors are those of :func:`reparameterize_kl`.
     """
-    mode = V.kl_mode(reduction)
-    V.check_pair(mu, logvar)
-    lo, hi = V.check_clamp(logvar_clamp)
-    impl = _backends.resolve(backend, mu.device)
-    seed_t = torch.zeros((), dtype=torch.int64, device=mu.device)
-    _, kl = impl.reparam_kl(mu, logvar, seed_t, 0, mode, lo, hi)
+    _, kl = _run(mu, logvar, None, 0, _kl_mode(reduction), logvar_clamp, backend)
     return kl
 
 

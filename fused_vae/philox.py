@@ -1,4 +1,4 @@
-"""The counter-based noise stream of DESIGN.md, written as vectorised tensor code.
+"""The counter-based noise stream of docs/design.md, written as vectorised tensor code.
 
 This is the reference implementation of the stream: integer steps on int64 tensors that
 emulate uint32 arithmetic, so it runs on any device and needs no compiled code.

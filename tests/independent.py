@@ -1,5 +1,5 @@
 """An independent implementation of the contract for the tests: numpy Philox on uint64
-words and float64 math. Written from DESIGN.md, sharing no code with fused_vae."""
+words and float64 math. Written from docs/design.md, sharing no code with fused_vae."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ def philox4x32_10(ctr: np.ndarray, key: tuple[int, int]) -> np.ndarray:
 
 
 def stream(seed: int, numel: int, offset: int = 0) -> np.ndarray:
-    """The DESIGN.md normal stream as float32 numpy, elements [0, numel)."""
+    """The docs/design.md normal stream as float32 numpy, elements [0, numel)."""
     groups = np.arange((numel + 3) // 4, dtype=np.uint64) + np.uint64(offset)
     ctr = np.zeros((groups.size, 4), dtype=np.uint64)
     ctr[:, 0] = groups & MASK

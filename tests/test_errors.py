@@ -1,4 +1,4 @@
-"""Every error case of DESIGN.md: the right exception type, naming the argument."""
+"""Every error case of docs/design.md: the right exception type, naming the argument."""
 
 from __future__ import annotations
 

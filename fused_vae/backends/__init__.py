@@ -2,7 +2,8 @@
 
 Automatic choice by the tensors' device: cuda > triton > reference for CUDA tensors,
 cpu > reference for CPU tensors, reference elsewhere. ``FUSED_VAE_BACKEND`` overrides
-the automatic choice; an explicit ``backend=`` argument overrides both.
+the automatic choice; an explicit ``backend=`` argument overrides both. The choice is
+cached per (argument, device type, environment value).
 """
 
 from __future__ import annotations
@@ -13,26 +14,16 @@ from typing import NamedTuple
 
 import torch
 
-from . import reference
+from . import build
 from .base import Backend
 from .extension import ExtensionBackend
+from .reference import ReferenceBackend
 from .triton_backend import TritonBackend
 
 ENV_VAR = "FUSED_VAE_BACKEND"
 
-
-class _ReferenceBackend:
-    name = "reference"
-
-    def unavailable_reason(self, device_type: str) -> str | None:
-        return None
-
-    def reparam_kl(self, mu, logvar, seed, num_samples, kl_mode, clamp_lo, clamp_hi):
-        return reference.reparam_kl(mu, logvar, seed, num_samples, kl_mode, clamp_lo, clamp_hi)
-
-
 BACKENDS: dict[str, Backend] = {
-    "reference": _ReferenceBackend(),
+    "reference": ReferenceBackend(),
     "cpu": ExtensionBackend("cpu"),
     "cuda": ExtensionBackend("cuda"),
     "triton": TritonBackend(),
@@ -40,6 +31,7 @@ BACKENDS: dict[str, Backend] = {
 
 AUTO_ORDER = {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpu", "reference")}
 _warned_fallback: set[str] = set()
+_chosen: dict[tuple[str | None, str, str], str] = {}
 
 
 class BackendInfo(NamedTuple):
@@ -50,16 +42,46 @@ class BackendInfo(NamedTuple):
     reason: str | None
 
 
+class BackendReport(dict):
+    """``{name: BackendInfo}`` that prints as a table with the automatic choice per device."""
+
+    def __init__(self, entries: dict[str, BackendInfo], auto: dict[str, str], extension: str) -> None:
+        super().__init__(entries)
+        self.auto = auto
+        self.extension = extension
+
+    def __str__(self) -> str:
+        lines = ["fused_vae backends:"]
+        for name, info in self.items():
+            where = ", ".join(info.devices) + " tensors" if info.available else "unavailable"
+            lines.append(f"  {name:<10} {where}" + (f": {info.reason}" if info.reason else ""))
+        picks = "; ".join(f"{dev} tensors -> {name}" for dev, name in self.auto.items())
+        lines.append(f"automatic choice: {picks}")
+        lines.append(f"C++/CUDA extension: {self.extension}")
+        return "\n".join(lines)
+
+
 def _local_device_types() -> tuple[str, ...]:
     return ("cpu", "cuda") if torch.cuda.is_available() else ("cpu",)
 
 
-def available_backends() -> dict[str, BackendInfo]:
+def _extension_summary() -> str:
+    st = build.status()
+    if not st.loaded:
+        return f"not loaded ({st.reason})"
+    how = "built ahead of time by setup.py" if st.how == "prebuilt" else "JIT-built with ninja, cached by torch"
+    devices = ", ".join(d for d in ("cpu", "cuda") if getattr(st, d))
+    return f"loaded ({how}; kernels for {devices})"
+
+
+def available_backends() -> BackendReport:
     """Every backend with whether it can run here, on which device types, and why not.
 
     Returns:
-        ``{name: BackendInfo(available, devices, reason)}``; ``reason`` is None for an
-        available backend, else the reason it cannot run on any local device.
+        ``{name: BackendInfo(available, devices, reason)}`` (a dict; ``print()`` shows a
+        table with the automatic choice per device type and how the extension was loaded).
+        ``reason`` is None for an available backend, else why it cannot run on any
+        local device.
     """
     out = {}
     for name, backend in BACKENDS.items():
@@ -67,52 +89,77 @@ def available_backends() -> dict[str, BackendInfo]:
         devices = tuple(d for d, r in reasons.items() if r is None)
         reason = None if devices else "; ".join(dict.fromkeys(r for r in reasons.values() if r))
         out[name] = BackendInfo(bool(devices), devices, reason)
-    return out
+    auto = {d: _auto_name(d, warn=False) for d in _local_device_types()}
+    return BackendReport(out, auto, _extension_summary())
 
 
-def _check_name(name: object, source: str) -> str:
+def _check_name(name: object, source: str, default: str) -> str:
     if not isinstance(name, str) or name not in BACKENDS:
         names = ", ".join(repr(n) for n in BACKENDS)
-        raise ValueError(f"{source} must be one of {names} or None, got {name!r}")
+        raise ValueError(f"{source} must be one of {names} or {default}, got {name!r}")
     return name
 
 
-@torch.compiler.assume_constant_result
 def _resolve_name(requested: str | None, device_type: str) -> str:
+    env = os.environ.get(ENV_VAR, "")
+    key = (requested, device_type, env)
+    name = _chosen.get(key)
+    if name is None:
+        name = _choose(requested, device_type, env.strip())
+        _chosen[key] = name
+    return name
+
+
+# torch.compile treats the choice as a constant of the traced graph (what
+# torch.compiler.assume_constant_result marks, without importing torch._dynamo here).
+# Changing FUSED_VAE_BACKEND after compiling needs torch._dynamo.reset().
+_resolve_name._dynamo_marked_constant = True  # type: ignore[attr-defined]
+
+
+def _choose(requested: str | None, device_type: str, env: str) -> str:
     if requested is not None:
-        name = _check_name(requested, "backend")
-        source = "backend"
+        name = _check_name(requested, "backend", "None")
+        source = ""
+    elif env and env != "auto":
+        name = _check_name(env, f"the {ENV_VAR} environment variable", "'auto'")
+        source = f"{ENV_VAR}={env}: "
     else:
-        env = os.environ.get(ENV_VAR, "").strip()
-        if env and env != "auto":
-            name = _check_name(env, f"the {ENV_VAR} environment variable")
-            source = f"{ENV_VAR}={env}"
-        else:
-            return _auto_name(device_type)
+        return _auto_name(device_type)
     reason = BACKENDS[name].unavailable_reason(device_type)
     if reason is not None:
-        raise ValueError(f"{source}: backend {name!r} is not available for {device_type} tensors: {reason}")
+        raise ValueError(f"{source}backend {name!r} is not available for {device_type} tensors: {reason}")
     return name
 
 
-def _auto_name(device_type: str) -> str:
+def _auto_name(device_type: str, warn: bool = True) -> str:
     order = AUTO_ORDER.get(device_type, ("reference",))
     skipped = []
     for name in order:
         reason = BACKENDS[name].unavailable_reason(device_type)
         if reason is None:
-            if skipped and name == "reference" and device_type not in _warned_fallback:
+            if warn and skipped and name == "reference" and device_type not in _warned_fallback:
                 _warned_fallback.add(device_type)
                 warnings.warn(
                     f"fused_vae: using the slow reference backend for {device_type} tensors because "
                     + "; ".join(skipped)
                     + ". See fused_vae.available_backends().",
                     RuntimeWarning,
-                    stacklevel=4,
+                    stacklevel=_user_stacklevel(),
                 )
             return name
         skipped.append(f"{name!r} is unavailable ({reason})")
     raise AssertionError("the reference backend is always available")
+
+
+def _user_stacklevel() -> int:
+    """The stack level of the first frame outside fused_vae, so warnings point at user code."""
+    import sys
+
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    frame, level = sys._getframe(1), 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package):
+        frame, level = frame.f_back, level + 1
+    return level + 1
 
 
 def resolve(requested: str | None, device: torch.device) -> Backend:
@@ -122,3 +169,17 @@ def resolve(requested: str | None, device: torch.device) -> Backend:
         ValueError: an unknown name, or a backend that cannot run here (with the reason).
     """
     return BACKENDS[_resolve_name(requested, device.type)]
+
+
+def backend_for(device: torch.device | str, backend: str | None = None) -> str:
+    """Name of the backend the public functions would run for tensors on ``device``.
+
+    Args:
+        device: a torch.device or a string such as "cpu" or "cuda:0".
+        backend: an explicit name as the functions' ``backend=`` argument, or None for
+            ``FUSED_VAE_BACKEND`` and then the automatic choice.
+
+    Raises:
+        ValueError: an unknown name, or a backend that cannot run there (with the reason).
+    """
+    return resolve(backend, torch.device(device)).name

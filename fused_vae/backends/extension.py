@@ -1,10 +1,10 @@
-"""The ``cpu`` and ``cuda`` backends: the C++/CUDA extension's ``fused_vae::`` ops."""
+"""The ``cpu`` and ``cuda`` backends: the C++/CUDA extension's ``fused_vae::reparam_kl_*`` ops."""
 
 from __future__ import annotations
 
 import torch
 
-from .. import _extension
+from . import build
 
 
 class ExtensionBackend:
@@ -18,8 +18,8 @@ class ExtensionBackend:
         if self.device_type == "cuda" and not torch.cuda.is_available():
             return "no CUDA device is available"
         if device_type != self.device_type:
-            return f"backend {self.name!r} runs on {self.device_type} tensors only, got {device_type} tensors"
-        st = _extension.status()
+            return f"it runs on {self.device_type} tensors only"
+        st = build.status()
         if not st.loaded:
             return st.reason
         if not getattr(st, self.device_type):
@@ -28,3 +28,4 @@ class ExtensionBackend:
 
     def reparam_kl(self, mu, logvar, seed, num_samples, kl_mode, clamp_lo, clamp_hi):
         return torch.ops.fused_vae.reparam_kl_fwd(mu, logvar, seed, num_samples, kl_mode, clamp_lo, clamp_hi)
+

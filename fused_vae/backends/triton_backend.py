@@ -1,8 +1,8 @@
 """The ``triton`` backend: Triton kernels behind ``torch.ops.fused_vae.triton_reparam_kl_*``.
 
-The ops are defined here with ``torch.library.custom_op`` (schemas of csrc/ops.cpp) when
-fused_vae is imported; their fake (meta) impls and autograd come from
-:func:`fused_vae._ops.register_pair`. Defining them needs no triton: the kernels live
+The ops are defined here with ``torch.library.custom_op`` (the schemas of
+:mod:`fused_vae.backends.protocol`) when fused_vae is imported; their fake (meta) impls
+and autograd come from :func:`fused_vae.backends.registration.register_pair`. Defining them needs no triton: the kernels live
 in :mod:`fused_vae.backends.triton_kernels`, imported on the first call of an op, so
 ``import fused_vae`` works without triton and ``TRITON_INTERPRET=1`` (CPU tensors through
 the Triton interpreter) only has to be set before that first call.
@@ -24,18 +24,11 @@ from typing import Optional
 
 import torch
 
-from .. import _ops
+from . import protocol as P
+from .registration import register_pair
 
 FWD_NAME = "fused_vae::triton_reparam_kl_fwd"
 BWD_NAME = "fused_vae::triton_reparam_kl_bwd"
-FWD_SCHEMA = (
-    "(Tensor mu, Tensor logvar, Tensor seed, int num_samples, int kl_mode, "
-    "float? clamp_lo, float? clamp_hi) -> (Tensor, Tensor)"
-)
-BWD_SCHEMA = (
-    "(Tensor? grad_z, Tensor? grad_kl, Tensor mu, Tensor logvar, Tensor seed, int num_samples, "
-    "int kl_mode, float? clamp_lo, float? clamp_hi) -> (Tensor, Tensor)"
-)
 
 _lock = threading.Lock()
 _kernels = None
@@ -86,7 +79,7 @@ def kernels():
     return _kernels
 
 
-@torch.library.custom_op(FWD_NAME, mutates_args=(), schema=FWD_SCHEMA)
+@torch.library.custom_op(FWD_NAME, mutates_args=(), schema=P.FWD_SCHEMA)
 def triton_reparam_kl_fwd(
     mu: torch.Tensor,
     logvar: torch.Tensor,
@@ -99,7 +92,7 @@ def triton_reparam_kl_fwd(
     return kernels().reparam_kl_fwd(mu, logvar, seed, num_samples, kl_mode, clamp_lo, clamp_hi)
 
 
-@torch.library.custom_op(BWD_NAME, mutates_args=(), schema=BWD_SCHEMA)
+@torch.library.custom_op(BWD_NAME, mutates_args=(), schema=P.BWD_SCHEMA)
 def triton_reparam_kl_bwd(
     grad_z: Optional[torch.Tensor],
     grad_kl: Optional[torch.Tensor],
@@ -114,7 +107,7 @@ def triton_reparam_kl_bwd(
     return kernels().reparam_kl_bwd(grad_z, grad_kl, mu, logvar, seed, num_samples, kl_mode, clamp_lo, clamp_hi)
 
 
-_ops.register_pair(FWD_NAME, torch.ops.fused_vae.triton_reparam_kl_bwd, with_fake=True)
+register_pair(FWD_NAME, BWD_NAME, python_autograd=True)
 
 
 class TritonBackend:
@@ -145,3 +138,4 @@ class TritonBackend:
 
     def reparam_kl(self, mu, logvar, seed, num_samples, kl_mode, clamp_lo, clamp_hi):
         return torch.ops.fused_vae.triton_reparam_kl_fwd(mu, logvar, seed, num_samples, kl_mode, clamp_lo, clamp_hi)
+

@@ -33,7 +33,13 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import _validation as V
+from . import protocol as P
+
+# KL modes of the op protocol, as compile-time constants of the kernels.
+KL_SKIP: tl.constexpr = tl.constexpr(P.KL_SKIP)
+KL_NONE: tl.constexpr = tl.constexpr(P.KL_NONE)
+KL_PER_SAMPLE: tl.constexpr = tl.constexpr(P.KL_PER_SAMPLE)
+KL_SUM: tl.constexpr = tl.constexpr(P.KL_SUM)
 
 try:  # where TRITON_INTERPRET=1 was set before this import, kernels are InterpretedFunction
     from triton.runtime.interpreter import InterpretedFunction as _InterpretedFunction
@@ -135,6 +141,7 @@ def _fwd_kernel(
     IS_F64: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
+    seed = tl.load(seed_ptr)  # first, so its latency overlaps the loads and the KL reduction
     row, j0, j, mask = _tile_index(pid, R, C, NC, ROWS, CH4, FLAT)
     m = _to_acc(tl.load(mu_ptr + j, mask=mask, other=0.0), IS_F64)
     v = _to_acc(tl.load(lv_ptr + j, mask=mask, other=0.0), IS_F64)
@@ -152,7 +159,6 @@ def _fwd_kernel(
             tl.store(kl_ptr + rows, row_sum / _bound(div, IS_F64), mask=rows < R)
         else:
             tl.store(part_ptr + rows * NC + pid % NC, row_sum, mask=rows < R)
-    seed = tl.load(seed_ptr)
     off = tl.zeros((), tl.int64)  # s * N, the flat offset of sample s
     while off < SN:  # (a while loop: triton 3.6's interpreter cannot range() over an argument)
         eps = _to_acc(_normal(seed, j0, j, off, ALIGNED), IS_F64)
@@ -184,7 +190,7 @@ def _bwd_kernel(
     HAS_LO: tl.constexpr,
     HAS_HI: tl.constexpr,
     HAS_GZ: tl.constexpr,
-    GKL_MODE: tl.constexpr,  # 0: no grad_kl, 1: per element, 2: per row, 3: scalar
+    GKL_MODE: tl.constexpr,  # the KL mode of grad_kl, KL_SKIP when there is none
     IS_F64: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
@@ -193,14 +199,14 @@ def _bwd_kernel(
     raw = _to_acc(tl.load(lv_ptr + j, mask=mask, other=0.0), IS_F64)
     v = _clamp(raw, lo, hi, HAS_LO, HAS_HI, IS_F64)
     sd = tl.exp(0.5 * v)
-    if GKL_MODE == 1:
+    if GKL_MODE == KL_NONE:
         gkl = _to_acc(tl.load(gkl_ptr + j, mask=mask, other=0.0), IS_F64)
-    elif GKL_MODE == 2:
+    elif GKL_MODE == KL_PER_SAMPLE:
         if FLAT:
             gkl = _to_acc(tl.load(gkl_ptr), IS_F64)
         else:
             gkl = _to_acc(tl.load(gkl_ptr + row, mask=row < R, other=0.0), IS_F64)
-    elif GKL_MODE == 3:
+    elif GKL_MODE >= KL_SUM:  # sum and batchmean: one scalar (divided by B for batchmean)
         gkl = _to_acc(tl.load(gkl_ptr), IS_F64) / _bound(div, IS_F64)
     if HAS_GZ:
         seed = tl.load(seed_ptr)
@@ -214,7 +220,7 @@ def _bwd_kernel(
             off += N
         gmu = gz_sum
         glv = 0.5 * sd * gz_eps
-        if GKL_MODE != 0:
+        if GKL_MODE != KL_SKIP:
             gmu = gmu + gkl * m
             glv = glv + gkl * 0.5 * (sd * sd - 1.0)
     else:
@@ -314,33 +320,11 @@ def _check_device(t: torch.Tensor) -> None:
         raise RuntimeError(f"fused_vae triton backend: unsupported device {t.device}")
 
 
-def _check_common(mu, logvar, seed, num_samples, kl_mode):
-    if mu.dim() < 1:
-        raise ValueError("fused_vae: mu must be at least 1-D")
-    if mu.shape != logvar.shape:
-        raise ValueError(f"fused_vae: logvar shape {tuple(logvar.shape)} must equal mu shape {tuple(mu.shape)}")
-    if mu.dtype not in V.SUPPORTED_DTYPES or logvar.dtype != mu.dtype:
-        raise TypeError(f"fused_vae: mu and logvar must share a floating dtype, got {mu.dtype} and {logvar.dtype}")
-    if mu.device != logvar.device or seed.device != mu.device:
-        raise ValueError(f"fused_vae: mu ({mu.device}), logvar ({logvar.device}) and seed ({seed.device}) must share a device")
-    if seed.dtype != torch.int64 or seed.numel() != 1:
-        raise TypeError("fused_vae: seed must be a one-element int64 tensor")
-    if num_samples < 0:
-        raise ValueError(f"fused_vae: num_samples must be >= 0, got {num_samples}")
-    if not V.KL_SKIP <= kl_mode <= V.KL_MODES["batchmean"]:
-        raise ValueError(f"fused_vae: kl_mode must be in [0, 4], got {kl_mode}")
-    _check_device(mu)
-
-
 def _device_guard(t: torch.Tensor):
     """Triton launches on the current CUDA device: make it the tensors' device."""
     if t.is_cuda and t.device.index is not None and t.device.index != torch.cuda.current_device():
         return torch.cuda.device(t.device)
     return contextlib.nullcontext()
-
-
-def _acc(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _bounds(clamp_lo, clamp_hi):
@@ -358,33 +342,25 @@ def _aligned(p: Plan, num_samples: int, n: int) -> bool:
 
 
 def reparam_kl_fwd(mu, logvar, seed, num_samples, kl_mode, clamp_lo, clamp_hi):
-    """Implementation of ``fused_vae::triton_reparam_kl_fwd`` (see fused_vae/_ops.py)."""
-    _check_common(mu, logvar, seed, num_samples, kl_mode)
-    mu_c = mu.contiguous()
-    lv_c = logvar.contiguous()
+    """Implementation of ``fused_vae::triton_reparam_kl_fwd`` (see fused_vae/backends/protocol.py)."""
+    P.check_fwd_args(mu, logvar, seed, num_samples, kl_mode)
+    _check_device(mu)
     B = mu.shape[0]
     N = mu.numel()
-    acc = _acc(mu.dtype)
-    z = mu.new_empty((num_samples, *mu.shape)) if num_samples > 0 else mu.new_empty(0)
-    if kl_mode == V.KL_MODES["none"]:
-        kl = mu.new_empty(mu.shape)
-    elif kl_mode == V.KL_MODES["per_sample"]:
-        kl = mu.new_empty(B, dtype=acc)
-    elif kl_mode in (V.KL_MODES["sum"], V.KL_MODES["batchmean"]):
-        kl = mu.new_empty((), dtype=acc)
-    else:
-        kl = mu.new_empty(0)
-    reduced = kl_mode >= V.KL_MODES["per_sample"]
+    acc = P.acc_dtype(mu.dtype)
+    z, kl = P.alloc_outputs(mu, num_samples, kl_mode)
+    reduced = P.is_reduced(kl_mode)
     if N == 0:
         if reduced:
-            kl.fill_(float("nan") if kl_mode == V.KL_MODES["batchmean"] and B == 0 else 0.0)
+            kl.fill_(P.empty_kl_value(kl_mode, B))
         return z, kl
-    if num_samples == 0 and kl_mode == V.KL_SKIP:
+    if num_samples == 0 and kl_mode == P.KL_SKIP:
         return z, kl
-
-    per_row = kl_mode == V.KL_MODES["per_sample"]
+    mu_c = mu.contiguous()
+    lv_c = logvar.contiguous()
+    per_row = kl_mode == P.KL_PER_SAMPLE
     p = plan(B, N // B) if per_row else plan(1, N)
-    div = float(B) if kl_mode == V.KL_MODES["batchmean"] else 1.0
+    div = P.kl_divisor(kl_mode, B)
     final = reduced and p.NC == 1
     part = mu_c.new_empty((p.rows, p.NC), dtype=acc) if reduced and not final else kl
     seed_t = seed.reshape(())
@@ -395,12 +371,12 @@ def reparam_kl_fwd(mu, logvar, seed, num_samples, kl_mode, clamp_lo, clamp_hi):
 
 def _launch_fwd(p, mu_c, lv_c, z, kl, part, seed_t, N, num_samples, kl_mode, div, clamp_lo, clamp_hi, final, acc):
     lo, hi, has_lo, has_hi = _bounds(clamp_lo, clamp_hi)
-    reduced = kl_mode >= V.KL_MODES["per_sample"]
+    reduced = P.is_reduced(kl_mode)
     _fwd_kernel[(p.grid,)](
         mu_c, lv_c, z if num_samples > 0 else mu_c, kl if kl.numel() > 0 else mu_c, part if part.numel() else mu_c,
         seed_t, p.rows, p.cols, N, num_samples * N, p.NC, lo, hi, div,
         ROWS=p.ROWS, CH4=p.CH4, FLAT=p.rows == 1, ALIGNED=_aligned(p, num_samples, N),
-        HAS_LO=has_lo, HAS_HI=has_hi, KL_ELEM=kl_mode == V.KL_MODES["none"], KL_RED=reduced,
+        HAS_LO=has_lo, HAS_HI=has_hi, KL_ELEM=kl_mode == P.KL_NONE, KL_RED=reduced,
         KL_FINAL=final, IS_F64=acc == torch.float64, num_warps=p.num_warps,
     )  # fmt: skip
     if reduced and not final:
@@ -412,26 +388,13 @@ def _launch_fwd(p, mu_c, lv_c, z, kl, part, seed_t, N, num_samples, kl_mode, div
 
 
 def reparam_kl_bwd(grad_z, grad_kl, mu, logvar, seed, num_samples, kl_mode, clamp_lo, clamp_hi):
-    """Implementation of ``fused_vae::triton_reparam_kl_bwd`` (see fused_vae/_ops.py)."""
-    _check_common(mu, logvar, seed, num_samples, kl_mode)
+    """Implementation of ``fused_vae::triton_reparam_kl_bwd`` (see fused_vae/backends/protocol.py)."""
+    P.check_bwd_args(grad_z, grad_kl, mu, logvar, seed, num_samples, kl_mode)
+    _check_device(mu)
     B = mu.shape[0]
     N = mu.numel()
-    acc = _acc(mu.dtype)
-    if grad_z is not None:
-        if num_samples == 0:
-            raise ValueError("fused_vae: grad_z given but num_samples is 0")
-        if grad_z.numel() != num_samples * N or grad_z.dtype != mu.dtype or grad_z.device != mu.device:
-            raise ValueError("fused_vae: grad_z must have num_samples * mu.numel() elements of mu's dtype and device")
-    if grad_kl is not None:
-        if kl_mode == V.KL_SKIP:
-            raise ValueError("fused_vae: grad_kl given but kl_mode is 0")
-        elem = kl_mode == V.KL_MODES["none"]
-        expected = N if elem else B if kl_mode == V.KL_MODES["per_sample"] else 1
-        want = mu.dtype if elem else acc
-        if grad_kl.numel() != expected or grad_kl.dtype != want or grad_kl.device != mu.device:
-            raise ValueError(f"fused_vae: grad_kl must have {expected} elements of dtype {want} on {mu.device}")
-    grad_mu = torch.empty(mu.shape, dtype=mu.dtype, device=mu.device)
-    grad_lv = torch.empty(mu.shape, dtype=mu.dtype, device=mu.device)
+    acc = P.acc_dtype(mu.dtype)
+    grad_mu, grad_lv = P.alloc_grads(mu)
     if N == 0:
         return grad_mu, grad_lv
     if grad_z is None and grad_kl is None:
@@ -439,12 +402,10 @@ def reparam_kl_bwd(grad_z, grad_kl, mu, logvar, seed, num_samples, kl_mode, clam
     mu_c = mu.contiguous()
     lv_c = logvar.contiguous()
     gz = grad_z.contiguous() if grad_z is not None else mu_c
-    gkl_mode = 0
-    if grad_kl is not None:
-        gkl_mode = {V.KL_MODES["none"]: 1, V.KL_MODES["per_sample"]: 2}.get(kl_mode, 3)
+    gkl_mode = kl_mode if grad_kl is not None else P.KL_SKIP
     gkl = grad_kl.contiguous() if grad_kl is not None else mu_c
-    p = plan(B, N // B) if gkl_mode == 2 else plan(1, N)
-    div = float(B) if kl_mode == V.KL_MODES["batchmean"] else 1.0
+    p = plan(B, N // B) if gkl_mode == P.KL_PER_SAMPLE else plan(1, N)
+    div = P.kl_divisor(kl_mode, B)
     lo, hi, has_lo, has_hi = _bounds(clamp_lo, clamp_hi)
     samples = num_samples if grad_z is not None else 0
     with _device_guard(mu):
@@ -456,4 +417,3 @@ def reparam_kl_bwd(grad_z, grad_kl, mu, logvar, seed, num_samples, kl_mode, clam
             IS_F64=acc == torch.float64, num_warps=p.num_warps,
         )  # fmt: skip
     return grad_mu, grad_lv
-

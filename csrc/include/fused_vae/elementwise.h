@@ -7,17 +7,9 @@
 #pragma once
 
 #include "fused_vae/fast_math.h"
+#include "fused_vae/protocol.h"
 
 namespace fused_vae {
-
-// How the KL output is produced; the integer values are part of the op schema.
-enum KlMode : int64_t {
-  kKlSkip = 0,       // no KL output (reparameterize)
-  kKlElementwise = 1,
-  kKlPerSample = 2,
-  kKlSum = 3,
-  kKlBatchMean = 4,
-};
 
 // Optional clamp of logvar. Absent bounds are -inf / +inf, so apply() is branch-free.
 struct ClampSpec {

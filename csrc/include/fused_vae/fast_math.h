@@ -130,7 +130,7 @@ FV_HD void fast_sincosf_0_2pi(float x, float& s, float& c) {
 // exp in the op's accumulation type: float32 math for every dtype but float64.
 // On the device it is CUDA's expf (IEEE specials, at most 2 ulp; built on MUFU.EX2, about
 // 8 instructions against about 30 for the polynomial): the CUDA kernels are close to
-// compute-bound for 16-bit inputs. Both are "float32 rounding" of exp in DESIGN.md's sense.
+// compute-bound for 16-bit inputs. Both are "float32 rounding" of exp in docs/design.md's sense.
 FV_HD float op_exp(float x) {
 #if defined(__CUDA_ARCH__)
   return ::expf(x);

@@ -1,4 +1,4 @@
-// Counter-based noise stream shared by the CPU and CUDA backends (see DESIGN.md).
+// Counter-based noise stream shared by the CPU and CUDA backends (see docs/design.md).
 //
 // Philox4x32-10 exactly as Triton's tl.randint4x, the int32 -> uniform mapping of
 // tl.rand4x and the Box-Muller pairing of tl.randn4x. Element i of a flat output uses

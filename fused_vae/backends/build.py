@@ -1,10 +1,16 @@
-"""Loads the compiled C++/CUDA extension that implements ``torch.ops.fused_vae.*``.
+"""Loads the compiled C++/CUDA extension that implements ``torch.ops.fused_vae.reparam_kl_*``.
 
 Order: the module built ahead of time by setup.py (``fused_vae._C``), else a JIT build
-of csrc/ with ninja (cached by torch under ~/.cache/torch_extensions). Any failure is
-recorded, not raised: :func:`status` says why, and the dispatcher falls back.
-Set ``FUSED_VAE_DISABLE_EXTENSION=1`` to skip both (the package then runs on the
-reference and Triton backends).
+of csrc/ with ninja (cached by torch under ~/.cache/torch_extensions, or
+``TORCH_EXTENSIONS_DIR``). Any failure is recorded, not raised: :func:`status` says why,
+and backend selection falls back. Environment:
+
+- ``FUSED_VAE_DISABLE_EXTENSION=1`` skips both (the reference and Triton backends remain);
+- ``FUSED_VAE_VERBOSE_BUILD=1`` prints the full compiler output of a JIT build.
+
+Right after the library loads, :func:`fused_vae.backends.registration.register_pair`
+gives its ops their fake impls and the backward op its derivative (the forward op's
+autograd kernel is C++: csrc/autograd.cpp).
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import re
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +27,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-_PACKAGE_DIR = Path(__file__).resolve().parent
+_PACKAGE_DIR = Path(__file__).resolve().parent.parent
 # No errno / FP-trap bookkeeping lets the compiler vectorise the math (results unchanged).
 # -fopenmp: at::parallel_for is inlined into the extension and needs OpenMP to go parallel.
 CXX_FLAGS = ["-O3", "-DNDEBUG", "-fno-math-errno", "-fno-trapping-math", "-fopenmp"]
@@ -50,13 +57,13 @@ def csrc_dir() -> Path:
     raise FileNotFoundError(f"fused_vae C++ sources not found next to {_PACKAGE_DIR}")
 
 
-def sources(with_cuda: bool) -> list[str]:
-    """Source files of the extension, the CUDA ones only when ``with_cuda``."""
-    root = csrc_dir()
-    files = [root / "ops.cpp", *sorted((root / "cpu").glob("*.cpp"))]
+def sources(with_cuda: bool, root: Path | None = None) -> list[Path]:
+    """Source files of the extension (op schemas, autograd, CPU kernels; CUDA when ``with_cuda``)."""
+    root = csrc_dir() if root is None else root
+    files = [root / "ops.cpp", root / "autograd.cpp", *sorted((root / "cpu").glob("*.cpp"))]
     if with_cuda:
         files += sorted((root / "cuda").glob("*.cu"))
-    return [str(f) for f in files]
+    return files
 
 
 def _has_kernel(key: str) -> bool:
@@ -71,14 +78,21 @@ def _ops_defined() -> bool:
         return False
 
 
+def _newest_source_mtime(with_cuda: bool = True) -> float:
+    """Newest modification time of the sources (and headers) a build with(out) CUDA compiles."""
+    root = csrc_dir()
+    files = [*sources(with_cuda, root), *(root / "include").rglob("*.h"), *(root / "cpu").glob("*.h")]
+    if with_cuda:
+        files += [*(root / "cuda").glob("*.h"), *(root / "cuda").glob("*.cuh")]
+    return max(p.stat().st_mtime for p in files)
+
+
 def _prebuilt_is_stale(library: Path) -> bool:
     """In a source checkout, a library older than any C++ source would run old code."""
     try:
-        root = csrc_dir()
+        return _newest_source_mtime() > library.stat().st_mtime
     except FileNotFoundError:
         return False
-    built = library.stat().st_mtime
-    return any(p.stat().st_mtime > built for p in root.rglob("*") if p.suffix in {".cpp", ".cu", ".h", ".cuh"})
 
 
 def _load_prebuilt() -> bool:
@@ -98,15 +112,27 @@ def _cuda_toolkit_present() -> bool:
     return torch.version.cuda is not None and torch.cuda.is_available() and CUDA_HOME is not None
 
 
+def _jit_cache_is_warm(name: str, with_cuda: bool) -> bool:
+    """Whether torch's JIT cache holds a library of ``name`` newer than every source."""
+    try:
+        from torch.utils.cpp_extension import _get_build_directory
+
+        library = Path(_get_build_directory(name, verbose=False)) / f"{name}.so"
+        return library.is_file() and library.stat().st_mtime >= _newest_source_mtime(with_cuda)
+    except Exception:  # noqa: BLE001 - a private torch helper; unknown means "say we build"
+        return False
+
+
 def _load_jit() -> None:
     from torch.utils.cpp_extension import load
 
     with_cuda = _cuda_toolkit_present()
     name = "fused_vae_ext_cuda" if with_cuda else "fused_vae_ext_cpu"
-    log.warning("fused_vae: building the C++ extension %s (first use only, cached)", name)
+    if not _jit_cache_is_warm(name, with_cuda):
+        log.warning("fused_vae: building the C++ extension %s (first use only, about 20 s on 2 cores; cached)", name)
     load(
         name=name,
-        sources=sources(with_cuda),
+        sources=[str(p) for p in sources(with_cuda)],
         extra_include_paths=[str(csrc_dir() / "include")],
         extra_cflags=CXX_FLAGS,
         extra_ldflags=["-fopenmp"],
@@ -115,6 +141,19 @@ def _load_jit() -> None:
         is_python_module=False,
         verbose=os.environ.get("FUSED_VAE_VERBOSE_BUILD") == "1",
     )
+
+
+_CAUSE = re.compile(r"(error|not found|No such file|cannot|fatal|undefined reference)", re.IGNORECASE)
+
+
+def failure_cause(exc: BaseException) -> str:
+    """The lines of a build or load failure that say why (compiler errors, a missing tool),
+    without the long compiler command lines."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    causes = [ln for ln in lines if _CAUSE.search(ln) and len(ln) < 400 and not ln.startswith("[")]
+    picked = causes[-3:] if causes else lines[-1:]
+    text = " | ".join(picked) if picked else type(exc).__name__
+    return f"{type(exc).__name__}: {text}"
 
 
 def status() -> ExtensionStatus:
@@ -131,7 +170,6 @@ def status() -> ExtensionStatus:
 def _try_load() -> ExtensionStatus:
     if os.environ.get("FUSED_VAE_DISABLE_EXTENSION") == "1":
         return ExtensionStatus(False, "", False, False, "disabled by FUSED_VAE_DISABLE_EXTENSION=1")
-    how = ""
     try:
         if _ops_defined() or _load_prebuilt():
             how = "prebuilt"
@@ -139,13 +177,15 @@ def _try_load() -> ExtensionStatus:
             _load_jit()
             how = "jit"
     except Exception as exc:  # any build or load failure means "not available"
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        reason = f"the C++ extension could not be built or loaded ({type(exc).__name__}: {first_line[:300]})"
+        reason = (
+            f"the C++ extension could not be built or loaded ({failure_cause(exc)}); "
+            "set FUSED_VAE_VERBOSE_BUILD=1 for the full build log"
+        )
         log.debug("fused_vae extension failed", exc_info=True)
         return ExtensionStatus(False, "", False, False, reason)
-    from . import _ops  # registers fake and autograd for the C++ ops
+    from .registration import register_pair
 
-    _ops.register_extension_ops()
+    register_pair("fused_vae::reparam_kl_fwd", "fused_vae::reparam_kl_bwd", python_autograd=False)
     cpu, cuda = _has_kernel("CPU"), _has_kernel("CUDA")
     reason = None
     if not cuda:
