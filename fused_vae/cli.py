@@ -1,7 +1,7 @@
 """Command line: ``fused-vae train | eval | sample`` (also ``python -m fused_vae``).
 
-Option precedence for ``train``: built-in defaults < ``--config FILE`` < the checkpoint's
-config (with ``--resume``) < options given on the command line.
+Option precedence for ``train``: built-in defaults < ``--preset NAME`` < ``--config FILE`` <
+the checkpoint's config (with ``--resume``) < options given on the command line.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pathlib import Path
 GROUP_TITLES = {
     "data": "data",
     "model": "model",
-    "objective": "objective (loss = reconstruction + beta * KL)",
+    "objective": "objective (elbo: loss = reconstruction + beta * KL; iwae: loss = -L_K)",
     "optimisation": "optimisation",
     "output": "evaluation and outputs",
 }
@@ -29,6 +29,12 @@ def _train_fields():
 
 
 def _add_train_options(p: argparse.ArgumentParser) -> None:
+    from .training.presets import PRESETS
+
+    p.add_argument("--preset", choices=tuple(PRESETS), metavar="NAME",
+                   help="start from a named option set; iwae-mnist: the IWAE paper's MNIST setup (784-200-200-50 "
+                        "tanh, dynamic binarization, Adam eps 1e-4, batch 20, its 3280-epoch schedule, test NLL "
+                        f"with k = 5000). Choices: {', '.join(PRESETS)}")
     p.add_argument("--config", metavar="FILE",
                    help="TOML or JSON file of options (field names as below, with _ or -); command-line "
                         "options override it")
@@ -43,7 +49,7 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
         m = f.metadata
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         shown = " ".join(map(str, default)) if isinstance(default, list) else default
-        help_text = m["help"] if default is None and "default" in m["help"] else f"{m['help']} (default: {shown})"
+        help_text = m["help"] if default is None else f"{m['help']} (default: {shown})"
         flag = "--" + f.name.replace("_", "-")
         g = groups[m["group"]]
         if isinstance(default, bool):
@@ -119,23 +125,26 @@ def _run_dir_of(ckpt: Path) -> Path | None:
 
 
 def config_from_args(ns: argparse.Namespace):
-    """The :class:`TrainConfig` for parsed ``train`` arguments (file < checkpoint < flags).
+    """The :class:`TrainConfig` for parsed ``train`` arguments (preset < file < checkpoint < flags).
 
     Raises:
         ConfigError: bad options or config file. CheckpointError: unreadable --resume checkpoint.
     """
     from .training.checkpoint import load_checkpoint
     from .training.config import TrainConfig, load_config_file
+    from .training.presets import load_preset
     from .training.trainer import resolve_resume
 
     names = {f.name for f in _train_fields()}
     flags = {k: v for k, v in vars(ns).items() if k in names}
     cfg = TrainConfig()
+    if ns.preset:
+        cfg = cfg.updated(load_preset(ns.preset), source=f"preset {ns.preset}", validate=False)
     if ns.config:
-        cfg = cfg.updated(load_config_file(ns.config), source=str(ns.config))
+        cfg = cfg.updated(load_config_file(ns.config), source=str(ns.config), validate=False)
     resume = None
     if ns.resume:
-        pre = cfg.updated(flags, source="command line")
+        pre = cfg.updated(flags, source="command line", validate=False)
         resume = resolve_resume(ns.resume, pre.run_dir)
         ck = load_checkpoint(resume)
         stored = dict(ck["config"])
@@ -158,8 +167,14 @@ def _cmd_train(ns) -> int:
 
 
 def _summary_text(s: dict) -> str:
-    lines = [f"done: {s['steps']} steps ({s['epochs']:g} epochs) in {s['train_time_s']:.1f} s on {s['device']}"
-             f" x{s['world_size']} (fused backend {s['fused_backend']}, amp {s['amp']})",
+    if s.get("already_complete"):
+        head = (f"{s['run_dir']} is already complete ({s['steps']} steps, {s['epochs']:g} epochs); nothing was "
+                "trained. To train it further, resume with a larger --epochs.")
+    else:
+        head = (f"done: {s['steps']} steps ({s['epochs']:g} epochs) in {s['train_time_s']:.1f} s on {s['device']}"
+                f" x{s['world_size']} (fused backend {s['fused_backend']}, amp {s['amp']})")
+    objective = s.get("objective", "elbo")
+    lines = [head, f"trained objective: {objective} with K = {s.get('train_samples', 1)} samples",
              f"test ELBO {s['test_elbo']:.4f} nats (recon {s['test_recon']:.4f}, KL {s['test_kl']:.4f})"]
     if "test_iwae_nll" in s:
         lines.append(f"test NLL (IWAE, k={s['iwae_samples']}) {s['test_iwae_nll']:.4f} nats")
@@ -199,7 +214,8 @@ def _cmd_eval(ns) -> int:
     k = cfg.iwae_samples if ns.iwae_samples is None else ns.iwae_samples
     res = evaluate(model, data.test, batch_size=ns.batch_size or cfg.eval_batch_size,
                    seed=cfg.seed if ns.seed is None else ns.seed, iwae_samples=k,
-                   iwae_chunk=ns.iwae_chunk or cfg.iwae_chunk, ctx=DistContext(device=dev))
+                   iwae_chunk=ns.iwae_chunk or cfg.iwae_chunk, ctx=DistContext(device=dev),
+                   progress=sys.stderr.isatty())
     res = {"checkpoint_step": ck["step"], "num_test": int(data.test.shape[0]), **res}
     text = json.dumps(res, indent=2)
     print(text)
@@ -244,10 +260,13 @@ def main(argv: list[str] | None = None) -> int:
     from .training.checkpoint import CheckpointError
     from .training.config import ConfigError
     from .training.data import DataError
-    from .training.trainer import NonFiniteLossError, RunExistsError
+    from .training.trainer import NonFiniteLossError, RunExistsError, TrainingInterrupted
 
     try:
         return {"train": _cmd_train, "eval": _cmd_eval, "sample": _cmd_sample}[ns.command](ns)
+    except TrainingInterrupted as e:
+        print(f"fused-vae {ns.command}: {e}", file=sys.stderr)
+        return 130
     except (ConfigError, RunExistsError) as e:
         print(f"fused-vae {ns.command}: error: {e}", file=sys.stderr)
         return 2

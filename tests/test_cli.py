@@ -110,3 +110,74 @@ def test_errors_are_clear_and_set_the_exit_status(tmp_path, capsys):
     assert code == 1 and "last.pt" in err and "corrupt" in err
     code, _, err = _run(capsys, "sample", str(tmp_path / "nothing.pt"))
     assert code == 1 and "nothing.pt" in err
+
+
+def test_help_and_messages_never_offer_none(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    assert "None" not in capsys.readouterr().out
+    code, _, err = _run(capsys, "train", "--backend", "fast")
+    assert code == 2 and "backend must be one of cpu, cuda, triton, reference" in err and "None" not in err
+
+
+def test_resuming_a_finished_run_says_it_is_complete(tmp_path, capsys):
+    code, _, err = _run(capsys, "train", *TINY, "--epochs", "1", "--out-dir", str(tmp_path), "--name", "r")
+    assert code == 0, err
+    before = (tmp_path / "r" / "metrics.jsonl").read_text()
+    code, out, err = _run(capsys, "train", "--out-dir", str(tmp_path), "--name", "r", "--resume")
+    assert code == 0, err
+    assert "is already complete (4 steps, 1 epochs)" in out and "done:" not in out and "test ELBO" in out
+    assert (tmp_path / "r" / "metrics.jsonl").read_text() == before  # nothing rewritten
+
+
+def test_ctrl_c_names_the_last_checkpoint_and_how_to_resume(tmp_path, capsys, monkeypatch):
+    from fused_vae.training.trainer import Trainer
+
+    real = Trainer._train_step
+    calls = {"n": 0}
+
+    def step(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 6:  # 4 steps per epoch: after the epoch-1 checkpoint
+            raise KeyboardInterrupt
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(Trainer, "_train_step", step)
+    code, out, err = _run(capsys, "train", *TINY, "--epochs", "2", "--out-dir", str(tmp_path), "--name", "r")
+    run = tmp_path / "r"
+    assert code == 130
+    assert f"Last checkpoint: {run / 'checkpoints' / 'last.pt'} (step 4)" in err
+    assert f"fused-vae train --resume {run}" in err
+    monkeypatch.undo()
+    code, _, err = _run(capsys, "train", "--resume", str(run))
+    assert code == 0, err
+    assert json.loads((run / "summary.json").read_text())["steps"] == 8
+
+
+def _fake_mnist(root: Path, n_train: int = 60, n_test: int = 20) -> Path:
+    import gzip
+    import struct
+
+    rng = np.random.default_rng(0)
+    root.mkdir()
+    for split, n in (("train", n_train), ("t10k", n_test)):
+        arr = (rng.random((n, 28, 28)) < 0.2).astype(np.uint8) * 255
+        head = bytes([0, 0, 8, 3]) + struct.pack(">3I", n, 28, 28)
+        (root / f"{split}-images-idx3-ubyte.gz").write_bytes(gzip.compress(head + arr.tobytes()))
+    return root
+
+
+def test_the_iwae_mnist_preset_in_one_command(tmp_path, capsys):
+    data = _fake_mnist(tmp_path / "mnist")
+    code, out, err = _run(capsys, "train", "--preset", "iwae-mnist", "--data", "mnist", "--data-path", str(data),
+                          "--objective", "iwae", "--train-samples", "3", "--epochs", "2", "--iwae-samples", "30",
+                          "--out-dir", str(tmp_path), "--no-progress")
+    assert code == 0, err
+    run = tmp_path / "mnist-mlp-iwae3"
+    cfg = json.loads((run / "config.json").read_text())
+    assert (cfg["hidden"], cfg["latent_dim"], cfg["activation"], cfg["binarize"]) == ([200, 200], 50, "tanh", "dynamic")
+    assert (cfg["batch_size"], cfg["adam_eps"], cfg["lr_schedule"], cfg["objective"]) == (20, 1e-4, "iwae", "iwae")
+    assert cfg["train_samples"] == 3 and cfg["epochs"] == 2 and cfg["amp"] == "off"
+    assert "trained objective: iwae with K = 3" in out and "test NLL (IWAE, k=30)" in out
+    lrs = [r["lr"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "train"]
+    assert lrs[-1] == pytest.approx(1e-3 * 10 ** (-1 / 7))  # epoch 2 starts stage 1

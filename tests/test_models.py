@@ -175,7 +175,7 @@ def test_forward_elbo_iwae_and_images():
     m = MLPVAE((1, 4, 4), latent_dim=3, hidden=(16,))
     x = torch.rand(5, 1, 4, 4)
     out = m(x, seed=1)
-    assert set(out) == {"loss", "recon", "kl", "kl_penalty", "elbo"}
+    assert set(out) == {"loss", "recon", "kl", "kl_penalty", "elbo", "bound"}
     el = m.elbo(x, seed=1)
     torch.testing.assert_close(el["elbo"].mean(), out["elbo"])
     ll = m.iwae_log_likelihood(x, 40, seed=2, chunk_size=7)

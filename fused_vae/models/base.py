@@ -34,6 +34,26 @@ def make_activation(name: str) -> nn.Module:
     return ACTIVATIONS[name]()
 
 
+OBJECTIVES = ("elbo", "iwae")
+
+
+def check_train_samples(objective: str, num_samples: int, beta: float = 1.0, free_bits: float = 0.0) -> int:
+    """Checks an objective and its sample count K; returns K.
+
+    Raises:
+        ValueError: unknown objective, K not an int >= 1, or ``iwae`` with beta != 1 or
+            free bits (the importance-weighted bound has no separate KL term to weight).
+    """
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+        raise ValueError(f"train samples (K) must be an int >= 1, got {num_samples!r}")
+    if objective == "iwae" and (beta != 1.0 or free_bits > 0):
+        raise ValueError(f"objective 'iwae' trains the bound itself: it needs beta = 1 (no KL warm-up) and "
+                         f"free_bits = 0, got beta={beta}, free_bits={free_bits}")
+    return num_samples
+
+
 def model_spec(kind: str, input_shape, latent_dim: int, activation: str, likelihood: str, sigma: float,
                learn_sigma: bool, logvar_clamp, **extra) -> dict:
     """The JSON-able description of a model that a checkpoint stores to rebuild it."""
@@ -109,17 +129,44 @@ class VAE(nn.Module):
         return out.reshape(*lead, *self.input_shape)
 
     # -- objectives ----------------------------------------------------------------------
-    def forward(self, x: torch.Tensor, *, beta: float = 1.0, free_bits: float = 0.0, seed=None) -> dict:
+    def forward(self, x: torch.Tensor, *, beta: float = 1.0, free_bits: float = 0.0, seed=None,
+                objective: str = "elbo", num_samples: int = 1) -> dict:
         """The training objective on a batch ``x`` (``[B, *input_shape]``).
 
-        One fused op samples z and computes the KL. ``seed=None`` draws the noise from
-        torch's default generator; an int fixes it. Returns the dict of
-        :func:`~fused_vae.models.losses.vae_loss` (float32 scalars; ``loss`` is minimised).
+        One fused op call draws all ``num_samples`` (K) samples of z and computes the KL.
+        ``objective="elbo"`` averages K single-sample ELBOs (analytic KL);
+        ``objective="iwae"`` is the importance-weighted bound L_K of Burda et al. (2015),
+        ``logsumexp_k(log p(x, z_k) - log q(z_k | x)) - log K``; with K = 1 it is the ELBO and
+        uses the same (analytic-KL) estimator. ``seed=None`` draws the noise from torch's
+        default generator; an int fixes it.
+
+        Returns the dict of :func:`~fused_vae.models.losses.vae_loss` (float32 scalars;
+        ``loss`` is minimised) plus ``bound``: the batch mean of the bound being trained.
+
+        Raises:
+            ValueError: unknown objective, num_samples < 1, or beta != 1 / free_bits with ``iwae``.
         """
+        k = check_train_samples(objective, num_samples, beta, free_bits)
         q = self.encode(x)
-        z, kl = q.sample_with_kl(seed=seed, reduction="none" if free_bits > 0 else "per_sample")
-        recon = self.likelihood.nll(self.decode(z), x)
-        return vae_loss(recon, kl, beta=beta, free_bits=free_bits)
+        if objective == "elbo" or k == 1:
+            z, kl = q.sample_with_kl(seed=seed, num_samples=k if k > 1 else None,
+                                     reduction="none" if free_bits > 0 else "per_sample")
+            recon = self.likelihood.nll(self.decode(z), x)
+            out = vae_loss(recon.mean(0) if k > 1 else recon, kl, beta=beta, free_bits=free_bits)
+            out["bound"] = out["elbo"]
+            return out
+        z, kl = q.sample_with_kl(seed=seed, num_samples=k, reduction="per_sample")  # z: [K, B, L]
+        log_px_z, log_w = self._log_weights(q, z, x)
+        bound = torch.logsumexp(log_w, dim=0) - math.log(k)
+        recon, kl_mean = -log_px_z.mean(), kl.float().mean()
+        return {"loss": -bound.mean(), "recon": recon, "kl": kl_mean, "kl_penalty": kl_mean,
+                "elbo": -(recon + kl_mean), "bound": bound.mean()}
+
+    def _log_weights(self, q: DiagonalGaussian, z: torch.Tensor, x: torch.Tensor):
+        """``(log p(x | z), log p(x, z) - log q(z | x))`` for samples ``z`` (``[K, B, L]``) of
+        ``q``: two ``[K, B]`` float32 tensors, differentiable through ``z`` and ``q``."""
+        log_px_z = -self.likelihood.nll(self.decode(z), x)
+        return log_px_z, log_px_z + standard_normal_log_prob(z, 1) - q.log_prob(z)
 
     def elbo(self, x: torch.Tensor, *, seed=None) -> dict:
         """Single-sample ELBO per example: dict of ``elbo``, ``recon``, ``kl``, each ``[B]`` float32."""
@@ -144,18 +191,11 @@ class VAE(nn.Module):
         chunk = num_samples if not chunk_size else max(1, min(int(chunk_size), num_samples))
         q = self.encode(x)
         total = None
-        done = 0
-        i = 0
-        while done < num_samples:
-            k = min(chunk, num_samples - done)
+        for i, done in enumerate(range(0, num_samples, chunk)):
             s = None if seed is None else derive_seed(int(seed), i)
-            z = q.sample(seed=s, num_samples=k)  # [k, B, L]
-            log_px = -self.likelihood.nll(self.decode(z), x)
-            log_w = log_px + standard_normal_log_prob(z, 1) - q.log_prob(z)
-            part = torch.logsumexp(log_w, dim=0)
+            z = q.sample(seed=s, num_samples=min(chunk, num_samples - done))  # [k, B, L]
+            part = torch.logsumexp(self._log_weights(q, z, x)[1], dim=0)
             total = part if total is None else torch.logaddexp(total, part)
-            done += k
-            i += 1
         return total - math.log(num_samples)
 
     # -- images ------------------------------------------------------------------------

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from .. import api
+from .. import _validation, api
 
 _LOG_2PI = math.log(2.0 * math.pi)
 
@@ -26,19 +26,16 @@ class DiagonalGaussian:
         backend: fused-op backend name, or None for the automatic choice.
 
     Raises:
-        TypeError / ValueError: from the fused ops when mu and logvar do not match.
+        TypeError: non-tensors, unsupported or differing dtypes; a bad logvar_clamp type.
+        ValueError: 0-d tensors, differing shapes or devices, a NaN or reversed clamp.
     """
 
     def __init__(self, mu: torch.Tensor, logvar: torch.Tensor, *, logvar_clamp=None, backend: str | None = None):
-        if not isinstance(mu, torch.Tensor) or not isinstance(logvar, torch.Tensor):
-            raise TypeError("mu and logvar must be torch.Tensor objects")
-        if mu.shape != logvar.shape:
-            raise ValueError(f"logvar shape {tuple(logvar.shape)} must match mu shape {tuple(mu.shape)}")
-        if mu.dim() < 1:
-            raise ValueError("mu and logvar must be at least 1-D with the batch first ([B, ...])")
+        _validation.check_pair(mu, logvar)
+        lo, hi = _validation.check_clamp(logvar_clamp)
         self.mu = mu
         self.logvar = logvar
-        self.logvar_clamp = logvar_clamp
+        self.logvar_clamp = None if lo is None and hi is None else (lo, hi)
         self.backend = backend
 
     # -- parameters -------------------------------------------------------------------
@@ -51,7 +48,7 @@ class DiagonalGaussian:
         if self.logvar_clamp is None:
             return self.logvar
         lo, hi = self.logvar_clamp
-        return self.logvar.clamp(min=lo, max=hi)
+        return self.logvar.clamp(min=lo, max=hi)  # one bound may be None
 
     @property
     def mean(self) -> torch.Tensor:
@@ -104,12 +101,15 @@ class DiagonalGaussian:
         """log q(z), summed over the event dims.
 
         ``z``: ``[*S, B, ...]`` (any leading sample dims). Returns ``[*S, B]`` in float32
-        (float64 for float64 inputs).
+        (float64 for float64 inputs). For a sample of this distribution the standardised
+        value ``(z - mu) / std`` is the noise that drew it, so no noise needs to be kept;
+        gradients flow through ``z`` and through mu and logvar.
         """
         mu, logvar = self.mu, self._logvar()
         dt = torch.float64 if mu.dtype == torch.float64 else torch.float32
         mu, logvar, z = mu.to(dt), logvar.to(dt), z.to(dt)
-        lp = -0.5 * ((z - mu) ** 2 * torch.exp(-logvar) + logvar + _LOG_2PI)
+        eps = (z - mu) * torch.exp(-0.5 * logvar)
+        lp = -0.5 * (eps.square() + logvar + _LOG_2PI)
         return lp.flatten(start_dim=lp.dim() - self.event_dims).sum(-1) if self.event_dims else lp
 
     def nll(self, x: torch.Tensor) -> torch.Tensor:

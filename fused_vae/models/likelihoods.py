@@ -43,10 +43,12 @@ class BernoulliLikelihood(Likelihood):
     name = "bernoulli"
 
     def nll(self, params: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        logits = params.float()
-        target = x.float().expand_as(logits)
-        bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
-        return _sum_event(bce, x.dim() - 1)
+        # BCE with logits, softplus(l) - x * l, written out: two elementwise passes over the
+        # [*S, B, D] logits instead of the several temporaries of F.binary_cross_entropy_with_logits.
+        event_dims = x.dim() - 1
+        logits = params.float().flatten(start_dim=params.dim() - event_dims)
+        target = x.float().flatten(start_dim=1)
+        return (F.softplus(logits) - logits * target).sum(-1)
 
     def mean(self, params: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(params.float())

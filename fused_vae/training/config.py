@@ -9,6 +9,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..models import ACTIVATIONS
+from ..models.base import OBJECTIVES
+from .optim import SCHEDULES
+
 
 class ConfigError(ValueError):
     """A bad configuration value or config file; the message names the option or file."""
@@ -22,6 +26,7 @@ def _f(default, help: str, *, group: str, choices=None, type=None, nargs=None, m
 
 
 DATASETS = ("digits", "mnist", "fashion-mnist", "folder", "tensor")
+BACKEND_NAMES = ("cpu", "cuda", "triton", "reference")
 
 
 @dataclass
@@ -44,8 +49,10 @@ class TrainConfig:
     image_size: int | None = _f(None, "folder data: resize images to SIZE x SIZE (default: keep, all must match)",
                                 group="data", type=int, metavar="SIZE")
     grayscale: bool = _f(False, "folder data: convert images to one grey channel", group="data")
-    max_train_examples: int | None = _f(None, "use at most N training examples", group="data", type=int, metavar="N")
-    max_test_examples: int | None = _f(None, "use at most N test examples", group="data", type=int, metavar="N")
+    max_train_examples: int | None = _f(None, "use at most N training examples (default: all)", group="data",
+                                        type=int, metavar="N")
+    max_test_examples: int | None = _f(None, "use at most N test examples (default: all)", group="data", type=int,
+                                       metavar="N")
 
     # model
     model: str = _f("mlp", "architecture: mlp (fully connected) or conv (convolutional)", group="model",
@@ -63,10 +70,15 @@ class TrainConfig:
     learn_sigma: bool = _f(False, "gaussian likelihood: learn one shared sigma", group="model")
     logvar_clamp: list | None = _f(None, "clamp the posterior logvar to [LO, HI] (e.g. -30 20)", group="model",
                                    type=float, nargs=2, metavar=("LO", "HI"))
-    backend: str | None = _f(None, "fused-op backend: cpu, cuda, triton, reference (default: fastest available)",
-                             group="model", type=str)
+    backend: str | None = _f(None, "fused-op backend: cpu, cuda, triton, reference (default: the fastest "
+                             "available for the device)", group="model", type=str)
 
     # objective
+    objective: str = _f("elbo", "training objective: elbo (the mean of K single-sample ELBOs; the paper's "
+                        "'VAE, k samples') or iwae (the importance-weighted bound L_K of Burda et al. 2015)",
+                        group="objective", choices=OBJECTIVES)
+    train_samples: int = _f(1, "samples K of z per example and step, drawn by one fused call", group="objective",
+                            type=int, metavar="K")
     beta: float = _f(1.0, "KL weight (beta-VAE); 1 gives the ELBO", group="objective", type=float)
     kl_warmup_steps: int = _f(0, "ramp the KL weight linearly from 0 to beta over this many steps",
                               group="objective", type=int)
@@ -75,16 +87,19 @@ class TrainConfig:
 
     # optimisation
     epochs: int = _f(500, "number of passes over the training set", group="optimisation", type=int)
-    max_steps: int | None = _f(None, "stop after this many optimizer steps (also shortens the LR schedule)",
+    max_steps: int | None = _f(None, "stop after this many optimizer steps (default: no limit; cosine and "
+                               "linear schedules then end there)",
                                group="optimisation", type=int, metavar="N")
     batch_size: int = _f(100, "global batch size (all processes and micro-batches together)",
                          group="optimisation", type=int)
     grad_accum: int = _f(1, "micro-batches per process per step (gradient accumulation)", group="optimisation",
                          type=int)
     lr: float = _f(1e-3, "peak learning rate (AdamW)", group="optimisation", type=float)
-    weight_decay: float = _f(0.0, "AdamW decoupled weight decay", group="optimisation", type=float)
-    lr_schedule: str = _f("cosine", "learning-rate schedule after warm-up", group="optimisation",
-                          choices=("constant", "cosine", "linear"))
+    adam_eps: float = _f(1e-8, "AdamW epsilon (the IWAE paper: 1e-4)", group="optimisation", type=float)
+    weight_decay: float = _f(0.0, "AdamW decoupled weight decay (0: plain Adam)", group="optimisation", type=float)
+    lr_schedule: str = _f("cosine", "learning-rate schedule after warm-up; iwae: the IWAE paper's, 3^i epochs at "
+                          "lr * 10^(-i/7) for i = 0, 1, ... (3280 epochs for i = 0..7)", group="optimisation",
+                          choices=SCHEDULES)
     lr_warmup_steps: int = _f(0, "linear learning-rate warm-up steps", group="optimisation", type=int)
     min_lr_ratio: float = _f(0.1, "final learning rate as a fraction of --lr (cosine, linear)",
                              group="optimisation", type=float)
@@ -104,13 +119,14 @@ class TrainConfig:
     eval_batch_size: int = _f(500, "batch size for evaluation", group="output", type=int)
     iwae_samples: int = _f(1000, "importance samples k for the final test NLL estimate (IWAE bound; 0: skip)",
                            group="output", type=int, metavar="K")
-    iwae_chunk: int = _f(250, "importance samples decoded at once (memory vs speed)", group="output", type=int)
+    iwae_chunk: int = _f(50, "importance samples per example decoded in one pass (memory vs speed)",
+                         group="output", type=int)
     log_every: int = _f(50, "write training metrics every N steps", group="output", type=int, metavar="N")
     checkpoint_every: int = _f(10, "save checkpoints/last.pt every N epochs (and at the end)", group="output",
                                type=int, metavar="N")
     out_dir: str = _f("runs", "parent directory of run directories", group="output", type=str, metavar="DIR")
-    name: str | None = _f(None, "run name: outputs go to OUT_DIR/NAME (default: DATA-MODEL)", group="output",
-                          type=str)
+    name: str | None = _f(None, "run name: outputs go to OUT_DIR/NAME (default: DATA-MODEL, plus -OBJECTIVEK "
+                          "unless training the 1-sample ELBO, e.g. mnist-mlp-iwae5)", group="output", type=str)
     tensorboard: str = _f("auto", "TensorBoard logging: auto (when installed), on, off", group="output",
                           choices=("auto", "on", "off"))
     progress: bool = _f(True, "show tqdm progress bars", group="output")
@@ -118,8 +134,22 @@ class TrainConfig:
     # -- helpers ---------------------------------------------------------------------------
     @property
     def run_name(self) -> str:
-        """``name``, or ``DATA-MODEL`` when unset."""
-        return self.name or f"{self.data}-{self.model}"
+        """``name``, or ``DATA-MODEL[-OBJECTIVEK]`` when unset (the suffix unless the objective
+        is the 1-sample ELBO)."""
+        if self.name:
+            return self.name
+        suffix = "" if (self.objective, self.train_samples) == ("elbo", 1) else f"-{self.objective}{self.train_samples}"
+        return f"{self.data}-{self.model}{suffix}"
+
+    @property
+    def resolved_activation(self) -> str:
+        """``activation``, or the model's default (tanh for mlp, silu for conv)."""
+        return self.activation or ("tanh" if self.model == "mlp" else "silu")
+
+    def resolved(self, *, threads: int, amp: str) -> "TrainConfig":
+        """A copy with the values a run settled on filled in: activation, name, threads, amp."""
+        return dataclasses.replace(self, activation=self.resolved_activation, name=self.run_name,
+                                   threads=int(threads), amp=amp)
 
     @property
     def run_dir(self) -> Path:
@@ -137,9 +167,9 @@ class TrainConfig:
             logvar_clamp=list(self.logvar_clamp) if self.logvar_clamp is not None else None,
         )
         if self.model == "mlp":
-            return dict(kind="mlp", hidden=list(self.hidden), activation=self.activation or "tanh", **common)
+            return dict(kind="mlp", hidden=list(self.hidden), activation=self.resolved_activation, **common)
         return dict(kind="conv", channels=list(self.conv_channels), hidden=int(self.hidden[0]),
-                    activation=self.activation or "silu", **common)
+                    activation=self.resolved_activation, **common)
 
     def to_dict(self) -> dict:
         """Plain dict (JSON- and checkpoint-safe)."""
@@ -155,8 +185,9 @@ class TrainConfig:
         cfg = cls()
         return cfg.updated(d, source=source)
 
-    def updated(self, d: dict, *, source: str = "config") -> "TrainConfig":
-        """A copy with the keys of ``d`` replaced, validated.
+    def updated(self, d: dict, *, source: str = "config", validate: bool = True) -> "TrainConfig":
+        """A copy with the keys of ``d`` replaced (types checked), validated unless ``validate``
+        is False (for a layer that later layers complete, e.g. a preset without a data path).
 
         Raises:
             ConfigError: unknown keys or invalid values.
@@ -169,7 +200,8 @@ class TrainConfig:
                 raise ConfigError(f"{source}: unknown option {key!r}; see `fused-vae train --help`")
             values[k] = _coerce(names[k], value, source)
         new = type(self)(**values)
-        new.validate(source)
+        if validate:
+            new.validate(source)
         return new
 
     def validate(self, source: str = "config") -> None:
@@ -202,6 +234,16 @@ class TrainConfig:
         need(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
         need(self.grad_accum >= 1, f"grad_accum must be >= 1, got {self.grad_accum}")
         need(self.lr > 0, f"lr must be > 0, got {self.lr}")
+        need(self.adam_eps > 0, f"adam_eps must be > 0, got {self.adam_eps}")
+        need(self.train_samples >= 1, f"train_samples must be >= 1, got {self.train_samples}")
+        need(self.objective != "iwae" or (self.beta == 1.0 and self.kl_warmup_steps == 0 and self.free_bits == 0),
+             "objective 'iwae' trains the bound itself: it needs beta = 1, kl_warmup_steps = 0 and free_bits = 0, "
+             f"got beta={self.beta}, kl_warmup_steps={self.kl_warmup_steps}, free_bits={self.free_bits}")
+        need(self.backend is None or self.backend in BACKEND_NAMES,
+             f"backend must be one of {', '.join(BACKEND_NAMES)} (leave it out for the automatic choice), "
+             f"got {self.backend!r}")
+        need(self.activation is None or self.activation in ACTIVATIONS,
+             f"activation must be one of {', '.join(ACTIVATIONS)}, got {self.activation!r}")
         need(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
         need(self.lr_warmup_steps >= 0, f"lr_warmup_steps must be >= 0, got {self.lr_warmup_steps}")
         need(0.0 <= self.min_lr_ratio <= 1.0, f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")

@@ -8,6 +8,26 @@ import json
 import math
 from pathlib import Path
 
+from .config import ConfigError
+
+
+def check_tensorboard(tensorboard: str) -> bool:
+    """Whether TensorBoard logging will run for the ``tensorboard`` option (auto, on, off).
+
+    Raises:
+        ConfigError: ``"on"`` but the tensorboard package is not installed.
+    """
+    if tensorboard == "off":
+        return False
+    try:
+        from torch.utils.tensorboard import SummaryWriter  # noqa: F401
+    except ImportError:
+        if tensorboard == "on":
+            raise ConfigError("tensorboard: 'on' needs the tensorboard package (pip install tensorboard); "
+                              "or pass --tensorboard auto or off") from None
+        return False
+    return True
+
 
 def _clean(v):
     if isinstance(v, float) and not math.isfinite(v):
@@ -25,7 +45,7 @@ class MetricsLogger:
             rewrites what came after its checkpoint); None starts a new file.
 
     Raises:
-        RuntimeError: ``tensorboard="on"`` but tensorboard is not installed.
+        ConfigError: ``tensorboard="on"`` but tensorboard is not installed.
     """
 
     def __init__(self, run_dir: str | Path, *, tensorboard: str = "auto", resume_step: int | None = None):
@@ -46,14 +66,10 @@ class MetricsLogger:
             for rec in self.records:
                 f.write(json.dumps(rec) + "\n")
         self.writer = None
-        if tensorboard != "off":
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                if tensorboard == "on":
-                    raise RuntimeError("--tensorboard on needs the tensorboard package: pip install tensorboard") from None
-            else:
-                self.writer = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"), purge_step=resume_step)
+        if tensorboard != "off" and check_tensorboard(tensorboard):
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"), purge_step=resume_step)
 
     def log(self, record: dict) -> None:
         """Appends one record (``kind``, ``step`` and numbers/strings) and flushes it."""

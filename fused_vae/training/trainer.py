@@ -1,4 +1,4 @@
-"""The training loop: data, model, AdamW, schedule, evaluation, checkpoints, outputs."""
+"""The training loop: setup, epochs, evaluation and checkpoints, summary and outputs."""
 
 from __future__ import annotations
 
@@ -8,11 +8,12 @@ import math
 import os
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from .. import backends as _backends
+from .. import backend_for
 from ..models import build_model, kl_warmup_beta
 from .batches import TrainBatches, binarize_generator, noise_seed
 from .checkpoint import CheckpointError, atomic_save, load_checkpoint, make_checkpoint, restore_rng_state
@@ -20,7 +21,10 @@ from .config import ConfigError, TrainConfig
 from .data import DataBundle, binarize, load_data
 from .distributed import DistContext, setup
 from .evaluation import evaluate
+from .metrics import check_tensorboard
 from .optim import make_optimizer, make_scheduler
+from .progress import progress_bar
+from .stats import StatsWindow, StepStats
 
 # Largest training set (bytes) copied to an accelerator up front; larger sets stay in host memory.
 _DEVICE_DATA_LIMIT = 2 << 30
@@ -35,6 +39,10 @@ class NonFiniteLossError(RuntimeError):
 
 class RunExistsError(FileExistsError):
     """The run directory already holds a checkpoint and neither resume nor overwrite was asked for."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during training; the message names the last checkpoint and the command that resumes."""
 
 
 def _write_json(path: Path, obj: dict) -> None:
@@ -56,12 +64,61 @@ def resolve_resume(resume, run_dir: Path) -> Path:
     return p / "checkpoints" / "last.pt" if p.is_dir() else p
 
 
+@dataclass
+class _Run:
+    """What one :meth:`Trainer.fit` works on: built by ``_setup``, advanced by ``_train_epoch``."""
+
+    ctx: DistContext
+    data: DataBundle
+    spec: dict
+    model: torch.nn.Module
+    ddp: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    fused_adamw: bool
+    batches: TrainBatches
+    train_x: torch.Tensor
+    total_steps: int
+    backend_name: str
+    autocast: object
+    data_info: dict
+    eval_threads: int
+    step: int = 0
+    epoch: int = 0
+    start_batch: int = 0
+    best: float = -math.inf
+    elapsed0: float = 0.0
+    t0: float = 0.0
+    resumed: bool = False
+    last_eval: dict = field(default_factory=dict)
+    postfix: dict = field(default_factory=dict)
+    logger: object = None
+    pbar: object = None
+    show_bar: bool = False
+    window: StatsWindow | None = None
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.batches.steps_per_epoch
+
+    @property
+    def done(self) -> bool:
+        return self.step >= self.total_steps or self.epoch >= self.total_epochs
+
+    @property
+    def total_epochs(self) -> int:
+        return -(-self.total_steps // self.steps_per_epoch)
+
+    def elapsed(self) -> float:
+        return self.elapsed0 + time.perf_counter() - self.t0
+
+
 class Trainer:
     """Trains a VAE as ``config`` says; :meth:`fit` runs it.
 
     Args:
         config: the run's :class:`~fused_vae.training.config.TrainConfig`.
-        resume: continue from a checkpoint (see :func:`resolve_resume`), or None.
+        resume: continue from a checkpoint (see :func:`resolve_resume`); leave it out to start afresh.
         overwrite: start afresh even if ``run_dir`` holds a checkpoint.
         data: use this :class:`~fused_vae.training.data.DataBundle` instead of loading ``config``'s.
 
@@ -78,6 +135,45 @@ class Trainer:
         self.run_dir = config.run_dir
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.last_good: tuple[Path, int] | None = None  # (path, step) of the last checkpoint written
+        self.amp = config.amp
+
+    # -- the run ----------------------------------------------------------------------------
+    def fit(self) -> dict:
+        """Trains, evaluates and writes everything under ``run_dir``.
+
+        Returns the summary dict (also ``run_dir/summary.json``): final test ELBO, IWAE NLL,
+        steps, time, ... Resuming a run that is already complete trains nothing and returns
+        its stored summary with ``already_complete=True``.
+
+        Raises:
+            RunExistsError, CheckpointError, ConfigError, DataError: before training starts
+                (nothing is written then).
+            NonFiniteLossError: a NaN/Inf loss or gradient.
+            TrainingInterrupted: Ctrl-C; the message names the last checkpoint and how to resume.
+        """
+        check_tensorboard(self.cfg.tensorboard)
+        ctx = setup(self.cfg.device)
+        threads = torch.get_num_threads()
+        try:
+            run = self._setup(ctx, threads)
+            if run.done and run.resumed and (self.run_dir / "summary.json").is_file():
+                summary = json.loads((self.run_dir / "summary.json").read_text())
+                return {**summary, "already_complete": True}
+            self._open_outputs(run)
+            try:
+                while not run.done:
+                    self._train_epoch(run)
+                    self._evaluate_and_checkpoint(run)
+            except KeyboardInterrupt:
+                raise TrainingInterrupted(self._interrupted_message(run)) from None
+            finally:
+                run.pbar.close()
+                if run.logger:
+                    run.logger.close()
+            return self._finish(run)
+        finally:
+            torch.set_num_threads(threads)
+            ctx.close()
 
     # -- setup ------------------------------------------------------------------------------
     def _load_resume(self):
@@ -103,26 +199,8 @@ class Trainer:
             return lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext
 
-    # -- the run ----------------------------------------------------------------------------
-    def fit(self) -> dict:
-        """Trains, evaluates and writes everything under ``run_dir``.
-
-        Returns the summary dict (also ``run_dir/summary.json``): final test ELBO, IWAE NLL,
-        steps, time, ...
-
-        Raises:
-            RunExistsError, CheckpointError, ConfigError, DataError: before training starts.
-            NonFiniteLossError: a NaN/Inf loss or gradient (the step is not taken).
-        """
-        ctx = setup(self.cfg.device)
-        threads = torch.get_num_threads()
-        try:
-            return self._fit(ctx)
-        finally:
-            torch.set_num_threads(threads)
-            ctx.close()
-
-    def _fit(self, ctx: DistContext) -> dict:
+    def _setup(self, ctx: DistContext, default_threads: int) -> _Run:
+        """Data, model, optimizer, schedule and the state restored from a checkpoint; writes nothing."""
         cfg = self.cfg
         device = ctx.device
         ck = self._load_resume()
@@ -136,7 +214,7 @@ class Trainer:
 
         torch.manual_seed(cfg.seed)
         model = build_model(spec, backend=cfg.backend).to(device)
-        backend_name = _backends.resolve(cfg.backend, device).name
+        backend_name = backend_for(device, cfg.backend)
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         elif device.type == "cpu" and sum(p.numel() for p in model.parameters()) < SMALL_MODEL_PARAMS:
@@ -151,11 +229,21 @@ class Trainer:
             raise ConfigError(str(e)) from None
         spe = batches.steps_per_epoch
         total_steps = spe * cfg.epochs if cfg.max_steps is None else min(spe * cfg.epochs, cfg.max_steps)
-        optimizer, fused = make_optimizer(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        optimizer, fused = make_optimizer(model.parameters(), lr=cfg.lr, eps=cfg.adam_eps,
+                                          weight_decay=cfg.weight_decay)
         scheduler = make_scheduler(optimizer, total_steps=total_steps, warmup_steps=cfg.lr_warmup_steps,
-                                   schedule=cfg.lr_schedule, min_ratio=cfg.min_lr_ratio)
-        step, epoch, start_batch, elapsed0 = 0, 0, 0, 0.0
-        best = -math.inf
+                                   schedule=cfg.lr_schedule, min_ratio=cfg.min_lr_ratio, steps_per_epoch=spe)
+        ddp = model
+        if ctx.distributed:
+            from torch.nn.parallel import DistributedDataParallel
+
+            ddp = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+        data_info = {"name": data.name, "input_shape": list(data.input_shape), "value_range": list(data.value_range),
+                     "num_train": int(data.train.shape[0]), "num_test": int(data.test.shape[0])}
+        run = _Run(ctx=ctx, data=data, spec=spec, model=model, ddp=ddp, optimizer=optimizer, scheduler=scheduler,
+                   fused_adamw=fused, batches=batches, train_x=train_x, total_steps=total_steps,
+                   backend_name=backend_name, autocast=self._amp_context(device), data_info=data_info,
+                   eval_threads=cfg.threads or default_threads, window=StatsWindow(device))
         if ck is not None:
             model.load_state_dict(ck["model"])
             if ck.get("optimizer"):
@@ -163,167 +251,214 @@ class Trainer:
             if ck.get("scheduler"):
                 scheduler.load_state_dict(ck["scheduler"])
             restore_rng_state(ck.get("rng", {}))
-            step, epoch, start_batch = int(ck["step"]), int(ck["epoch"]), int(ck.get("batch_in_epoch", 0))
-            best = float(ck["metrics"].get("best_test_elbo", -math.inf))
-            elapsed0 = float(ck["metrics"].get("elapsed_s", 0.0))
-        ddp = model
-        if ctx.distributed:
-            from torch.nn.parallel import DistributedDataParallel
+            run.step, run.epoch, run.start_batch = int(ck["step"]), int(ck["epoch"]), int(ck.get("batch_in_epoch", 0))
+            run.best = float(ck["metrics"].get("best_test_elbo", -math.inf))
+            run.elapsed0 = float(ck["metrics"].get("elapsed_s", 0.0))
+            run.resumed = True
+        return run
 
-            ddp = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
-        autocast = self._amp_context(device)
-
-        logger = None
-        if ctx.is_main:
+    def _open_outputs(self, run: _Run) -> None:
+        """Creates the run directory, ``config.json`` (resolved values), the metrics logger and the progress bar."""
+        cfg = self.cfg
+        if run.ctx.is_main:
             from .metrics import MetricsLogger
 
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            logger = MetricsLogger(self.run_dir, tensorboard=cfg.tensorboard, resume_step=step if ck else None)
-            _write_json(self.run_dir / "config.json", cfg.to_dict())
-        data_info = {"name": data.name, "input_shape": list(data.input_shape), "value_range": list(data.value_range),
-                     "num_train": int(data.train.shape[0]), "num_test": int(data.test.shape[0])}
+            run.logger = MetricsLogger(self.run_dir, tensorboard=cfg.tensorboard,
+                                       resume_step=run.step if run.resumed else None)
+            _write_json(self.run_dir / "config.json", self._resolved_config().to_dict())
+        run.show_bar = cfg.progress and run.ctx.is_main and sys.stderr.isatty()
+        run.pbar = progress_bar(total=run.total_steps, initial=run.step, desc=cfg.run_name, dynamic_ncols=True,
+                           disable=not run.show_bar, unit="step")
+        run.t0 = time.perf_counter()
 
-        def checkpoint(name: str, metrics: dict) -> None:
-            if not ctx.is_main:
-                return
-            path = self.ckpt_dir / name
-            atomic_save(make_checkpoint(model=model, optimizer=optimizer, scheduler=scheduler, epoch=epoch, step=step,
-                                        batch_in_epoch=start_batch, config=cfg.to_dict(), model_spec=spec,
-                                        data_info=data_info, metrics=metrics), path)
-            if name == "last.pt":
-                self.last_good = (path, step)
+    def _resolved_config(self) -> TrainConfig:
+        return self.cfg.resolved(threads=torch.get_num_threads(), amp=self.amp)
 
-        tqdm = _tqdm()
-        show_bar = cfg.progress and ctx.is_main and sys.stderr.isatty()
-        pbar = tqdm(total=total_steps, initial=step, desc=cfg.run_name, dynamic_ncols=True, disable=not show_bar,
-                    unit="step")
-        t0 = time.perf_counter()
-        window = torch.zeros(5, dtype=torch.float64, device=device)  # loss, recon, kl, elbo, grad_norm sums
-        window_n = 0
-        last_eval: dict = {}
-        postfix: dict = {}
-        done = step >= total_steps or epoch >= cfg.epochs
-        try:
-            while not done:
-                i = start_batch - 1
-                for i, micros in batches.epoch(epoch, start_batch):
-                    beta = kl_warmup_beta(step, cfg.beta, cfg.kl_warmup_steps)
-                    stats = self._train_step(ddp, model, optimizer, micros, train_x, step, beta, ctx, autocast,
-                                             epoch, i, logger)
-                    scheduler.step()
-                    step += 1
-                    window += stats
-                    window_n += 1
-                    if step % cfg.log_every == 0 or step == total_steps:
-                        w = (window / window_n).tolist()
-                        rec = {"kind": "train", "step": step, "epoch": round(step / spe, 4), "loss": w[0],
-                               "recon": w[1], "kl": w[2], "elbo": w[3], "grad_norm": w[4], "beta": beta,
-                               "lr": optimizer.param_groups[0]["lr"],
-                               "time_s": round(elapsed0 + time.perf_counter() - t0, 3)}
-                        if logger:
-                            logger.log(rec)
-                        postfix["loss"] = f"{w[0]:.3f}"
-                        pbar.set_postfix(postfix)
-                        window.zero_()
-                        window_n = 0
-                    pbar.update(1)
-                    if step >= total_steps:
-                        break
-                start_batch = i + 1
-                if start_batch >= spe:
-                    epoch += 1
-                    start_batch = 0
-                done = step >= total_steps or epoch >= cfg.epochs
-                at_boundary = start_batch == 0
-                if done or (cfg.eval_every and at_boundary and epoch % cfg.eval_every == 0):
-                    last_eval = evaluate(model, data.test, batch_size=cfg.eval_batch_size, seed=cfg.seed,
-                                         iwae_samples=cfg.iwae_samples if done else 0, iwae_chunk=cfg.iwae_chunk,
-                                         ctx=ctx)
-                    rec = {"kind": "eval", "step": step, "epoch": round(step / spe, 4), **last_eval}
-                    if logger:
-                        logger.log(rec)
-                    if ctx.is_main and not show_bar:
-                        print(_eval_line(rec), flush=True)
-                    postfix["test_elbo"] = f"{last_eval['test_elbo']:.3f}"
-                    pbar.set_postfix(postfix)
-                    improved = last_eval["test_elbo"] > best
-                    best = max(best, last_eval["test_elbo"])
-                    metrics = {**last_eval, "best_test_elbo": best,
-                               "elapsed_s": elapsed0 + time.perf_counter() - t0}
-                    checkpoint("last.pt", metrics)
-                    if improved:
-                        checkpoint("best.pt", metrics)
-                elif at_boundary and epoch % cfg.checkpoint_every == 0:
-                    checkpoint("last.pt", {"best_test_elbo": best, "elapsed_s": elapsed0 + time.perf_counter() - t0})
-        finally:
-            pbar.close()
-            if logger:
-                logger.close()
-
-        elapsed = elapsed0 + time.perf_counter() - t0
-        if not last_eval:  # resumed a finished run: evaluate once more
-            last_eval = evaluate(model, data.test, batch_size=cfg.eval_batch_size, seed=cfg.seed,
-                                 iwae_samples=cfg.iwae_samples, iwae_chunk=cfg.iwae_chunk, ctx=ctx)
-        summary = {
-            "run_dir": str(self.run_dir),
-            "data": data.name,
-            "model": spec["kind"],
-            "steps": step,
-            "epochs": round(step / spe, 4),
-            "train_time_s": round(elapsed, 2),
-            **last_eval,
-            "best_test_elbo": best if math.isfinite(best) else last_eval.get("test_elbo"),
-            "device": str(device),
-            "world_size": ctx.world_size,
-            "fused_backend": backend_name,
-            "amp": self.amp,
-            "fused_adamw": fused,
-            "torch": str(torch.__version__),
-        }
-        if ctx.is_main:
-            self._write_outputs(model, data, logger.records if logger else [])
-            _write_json(self.run_dir / "summary.json", summary)
-        ctx.barrier()
-        return summary
-
-    def _train_step(self, ddp, model, optimizer, micros, train_x, step, beta, ctx, autocast, epoch, batch, logger):
-        """One optimizer step over this process's micro-batches; returns the (all-reduced)
-        mean [loss, recon, kl, elbo, grad_norm] as float64."""
+    # -- one epoch ----------------------------------------------------------------------------
+    def _train_epoch(self, run: _Run) -> None:
+        """Steps from ``run.start_batch`` to the end of the epoch (or ``total_steps``), logging
+        every ``log_every`` steps."""
         cfg = self.cfg
+        i = run.start_batch - 1
+        for i, micros in run.batches.epoch(run.epoch, run.start_batch):
+            beta = kl_warmup_beta(run.step, cfg.beta, cfg.kl_warmup_steps)
+            self._train_step(run, micros, beta)
+            run.scheduler.step()
+            run.step += 1
+            if run.step % cfg.log_every == 0 or run.step == run.total_steps:
+                self._log_train(run, beta)
+            run.pbar.update(1)
+            if run.step >= run.total_steps:
+                break
+        run.start_batch = i + 1
+        if run.start_batch >= run.steps_per_epoch:
+            run.epoch += 1
+            run.start_batch = 0
+
+    def _train_step(self, run: _Run, micros, beta: float) -> StepStats:
+        """One optimizer step over this process's micro-batches; returns the (all-reduced) batch means.
+
+        The NaN/Inf check reads a value back from the device, so it runs every step on a CPU
+        and at the logging interval elsewhere (see :meth:`_check_finite`)."""
+        cfg = self.cfg
+        ctx = run.ctx
         device = ctx.device
-        optimizer.zero_grad(set_to_none=True)
+        run.optimizer.zero_grad(set_to_none=True)
         n_micro = len(micros)
-        stats = torch.zeros(4, dtype=torch.float64, device=device)
+        sums = torch.zeros(5, dtype=torch.float64, device=device)
         for a, mb in enumerate(micros):
-            x = train_x[mb.indices.to(train_x.device)].to(device, non_blocking=True)
+            x = run.train_x[mb.indices.to(run.train_x.device)].to(device, non_blocking=True)
             if cfg.binarize == "dynamic":
-                x = binarize(x, binarize_generator(cfg.seed, step, mb.micro_id, device))
-            sync = ddp.no_sync() if (ctx.distributed and a < n_micro - 1) else contextlib.nullcontext()
+                x = binarize(x, binarize_generator(cfg.seed, run.step, mb.micro_id, device))
+            sync = run.ddp.no_sync() if (ctx.distributed and a < n_micro - 1) else contextlib.nullcontext()
             with sync:
-                with autocast():
-                    out = ddp(x, beta=beta, free_bits=cfg.free_bits, seed=noise_seed(cfg.seed, step, mb.micro_id))
+                with run.autocast():
+                    out = run.ddp(x, beta=beta, free_bits=cfg.free_bits, objective=cfg.objective,
+                                  num_samples=cfg.train_samples, seed=noise_seed(cfg.seed, run.step, mb.micro_id))
                 (out["loss"] / n_micro).backward()
-            stats += torch.stack([out[k].detach().double() for k in ("loss", "recon", "kl", "elbo")]) / n_micro
-        ctx.all_reduce_sum(stats)
-        stats /= ctx.world_size
-        params = [p for p in model.parameters() if p.grad is not None]
+            sums += torch.stack([out[k].detach().double() for k in ("loss", "recon", "kl", "elbo", "bound")])
+        ctx.all_reduce_sum(sums)
+        means = sums / (n_micro * ctx.world_size)
+        params = [p for p in run.model.parameters() if p.grad is not None]
         if cfg.grad_clip > 0:
             gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         else:
             gnorm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params]))
-        out_stats = torch.cat([stats, gnorm.detach().double().reshape(1)])
-        if not bool(torch.isfinite(out_stats).all()):
-            loss_v, gn = out_stats[0].item(), out_stats[4].item()
-            where = (f"{self.last_good[0]} (step {self.last_good[1]})" if self.last_good
-                     else "none (no checkpoint was written before this step)")
-            msg = (f"non-finite loss at step {step + 1} (epoch {epoch + 1}, batch {batch + 1}): loss={loss_v}, "
-                   f"gradient norm={gn}. Training stopped before applying this step. Last good checkpoint: {where}. "
-                   "Try a lower --lr, --grad-clip, --logvar-clamp -30 20 or --amp off.")
-            if logger:
-                logger.log({"kind": "error", "step": step + 1, "message": msg})
-            raise NonFiniteLossError(msg)
-        optimizer.step()
-        return out_stats
+        stats = StepStats(*means.unbind(), grad_norm=gnorm)
+        run.window.add(stats, run.step + 1)
+        if self._check_due(run):
+            self._check_finite(run)
+        run.optimizer.step()
+        return stats
+
+    def _check_due(self, run: _Run) -> bool:
+        """Whether this step checks for NaN/Inf before its update: every step on a CPU (no cost),
+        else at the logging interval, so that a GPU step does not wait for the host."""
+        return run.ctx.device.type == "cpu" or (run.step + 1) % self.cfg.log_every == 0
+
+    def _check_finite(self, run: _Run) -> None:
+        """Raises :class:`NonFiniteLossError` naming the first step (since the run started)
+        whose loss or gradient norm was NaN/Inf. One host synchronisation."""
+        bad = run.window.first_non_finite()
+        if bad is None:
+            return
+        bad_step, stats = bad
+        now = run.step + 1
+        epoch, batch = divmod(bad_step - 1, run.steps_per_epoch)
+        where = (f"{self.last_good[0]} (step {self.last_good[1]})" if self.last_good
+                 else "none (no checkpoint was written before this step)")
+        applied = ("Training stopped before applying this step." if bad_step == now else
+                   f"Found at step {now} (on {run.ctx.device.type} the check runs every --log-every steps); "
+                   "training stopped and no later state was saved.")
+        msg = (f"non-finite loss at step {bad_step} (epoch {epoch + 1}, batch {batch + 1}): loss={stats['loss']}, "
+               f"gradient norm={stats['grad_norm']}. {applied} Last good checkpoint: {where}. "
+               "Try a lower --lr, --grad-clip, --logvar-clamp -30 20 or --amp off.")
+        if run.logger:
+            run.logger.log({"kind": "error", "step": bad_step, "message": msg})
+        raise NonFiniteLossError(msg)
+
+    def _log_train(self, run: _Run, beta: float) -> None:
+        self._check_finite(run)
+        w = run.window.means()
+        cfg = self.cfg
+        rec = {"kind": "train", "step": run.step, "epoch": round(run.step / run.steps_per_epoch, 4),
+               "objective": cfg.objective, "train_samples": cfg.train_samples, **w, "beta": beta,
+               "lr": run.optimizer.param_groups[0]["lr"], "time_s": round(run.elapsed(), 3)}
+        if run.logger:
+            run.logger.log(rec)
+        run.postfix["loss"] = f"{w['loss']:.3f}"
+        run.pbar.set_postfix(run.postfix)
+
+    # -- evaluation and checkpoints -------------------------------------------------------------
+    def _evaluate_and_checkpoint(self, run: _Run) -> None:
+        """After an epoch (or the last step): the test evaluation every ``eval_every`` epochs and
+        at the end (the IWAE NLL only at the end), then ``last.pt`` (and ``best.pt``)."""
+        cfg = self.cfg
+        self._check_finite(run)
+        at_boundary = run.start_batch == 0
+        if run.done or (cfg.eval_every and at_boundary and run.epoch % cfg.eval_every == 0):
+            run.last_eval = self._evaluate(run, iwae_samples=cfg.iwae_samples if run.done else 0)
+            rec = {"kind": "eval", "step": run.step, "epoch": round(run.step / run.steps_per_epoch, 4),
+                   **run.last_eval}
+            if run.logger:
+                run.logger.log(rec)
+            if run.ctx.is_main and not run.show_bar:
+                print(_eval_line(rec), flush=True)
+            run.postfix["test_elbo"] = f"{run.last_eval['test_elbo']:.3f}"
+            run.pbar.set_postfix(run.postfix)
+            improved = run.last_eval["test_elbo"] > run.best
+            run.best = max(run.best, run.last_eval["test_elbo"])
+            metrics = {**run.last_eval, "best_test_elbo": run.best, "elapsed_s": run.elapsed()}
+            self._checkpoint(run, "last.pt", metrics)
+            if improved:
+                self._checkpoint(run, "best.pt", metrics)
+        elif at_boundary and run.epoch % cfg.checkpoint_every == 0:
+            self._checkpoint(run, "last.pt", {"best_test_elbo": run.best, "elapsed_s": run.elapsed()})
+
+    def _evaluate(self, run: _Run, *, iwae_samples: int) -> dict:
+        """Test metrics; the IWAE NLL runs with the thread count torch had before training
+        (its matrix products are large enough to gain from threads)."""
+        cfg = self.cfg
+        train_threads = torch.get_num_threads()
+        if iwae_samples:
+            torch.set_num_threads(run.eval_threads)
+        try:
+            return evaluate(run.model, run.data.test, batch_size=cfg.eval_batch_size, seed=cfg.seed,
+                            iwae_samples=iwae_samples, iwae_chunk=cfg.iwae_chunk, ctx=run.ctx,
+                            progress=run.show_bar)
+        finally:
+            torch.set_num_threads(train_threads)
+
+    def _checkpoint(self, run: _Run, name: str, metrics: dict) -> None:
+        if not run.ctx.is_main:
+            return
+        path = self.ckpt_dir / name
+        atomic_save(make_checkpoint(model=run.model, optimizer=run.optimizer, scheduler=run.scheduler,
+                                    epoch=run.epoch, step=run.step, batch_in_epoch=run.start_batch,
+                                    config=self._resolved_config().to_dict(), model_spec=run.spec,
+                                    data_info=run.data_info, metrics=metrics), path)
+        if name == "last.pt":
+            self.last_good = (path, run.step)
+
+    def _interrupted_message(self, run: _Run) -> str:
+        head = f"interrupted at step {run.step} of {run.total_steps}."
+        if self.last_good is None:
+            return (f"{head} No checkpoint was written yet (one is written every --checkpoint-every "
+                    f"{self.cfg.checkpoint_every} epochs); start again with --overwrite.")
+        path, step = self.last_good
+        return (f"{head} Last checkpoint: {path} (step {step}). Resume with: "
+                f"fused-vae train --resume {self.run_dir}")
+
+    # -- summary ------------------------------------------------------------------------------
+    def _finish(self, run: _Run) -> dict:
+        """The summary (also ``summary.json``) and the image outputs."""
+        cfg = self.cfg
+        if not run.last_eval:  # resumed a finished run whose summary is missing: evaluate once more
+            run.last_eval = self._evaluate(run, iwae_samples=cfg.iwae_samples)
+        summary = {
+            "run_dir": str(self.run_dir),
+            "data": run.data.name,
+            "model": run.spec["kind"],
+            "objective": cfg.objective,
+            "train_samples": cfg.train_samples,
+            "steps": run.step,
+            "epochs": round(run.step / run.steps_per_epoch, 4),
+            "train_time_s": round(run.elapsed(), 2),
+            **run.last_eval,
+            "best_test_elbo": run.best if math.isfinite(run.best) else run.last_eval.get("test_elbo"),
+            "device": str(run.ctx.device),
+            "world_size": run.ctx.world_size,
+            "fused_backend": run.backend_name,
+            "amp": self.amp,
+            "fused_adamw": run.fused_adamw,
+            "torch": str(torch.__version__),
+        }
+        if run.ctx.is_main:
+            self._write_outputs(run.model, run.data, run.logger.records if run.logger else [])
+            _write_json(self.run_dir / "summary.json", summary)
+        run.ctx.barrier()
+        return summary
 
     def _write_outputs(self, model, data: DataBundle, records: list[dict]) -> None:
         from .plots import save_interpolation, save_loss_curves, save_reconstructions, save_samples
@@ -348,25 +483,6 @@ def _eval_line(rec: dict) -> str:
     if "test_iwae_nll" in rec:
         s += f", test NLL (IWAE, k={rec['iwae_samples']}) {rec['test_iwae_nll']:.4f}"
     return s
-
-
-def _tqdm():
-    try:
-        from tqdm.auto import tqdm
-    except ModuleNotFoundError:  # pragma: no cover - tqdm is in the train extra
-        class tqdm:  # noqa: N801 - minimal stand-in
-            def __init__(self, *a, **k):
-                pass
-
-            def update(self, n=1):
-                pass
-
-            def set_postfix(self, *a, **k):
-                pass
-
-            def close(self):
-                pass
-    return tqdm
 
 
 def train(config: TrainConfig, *, resume=None, overwrite: bool = False, data: DataBundle | None = None) -> dict:
