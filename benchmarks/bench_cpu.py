@@ -1,136 +1,250 @@
-"""CPU benchmark: the fused op against eager PyTorch and torch.compile of the plain code.
+"""CPU benchmark: the fused op against eager PyTorch, torch.compile and its own raw kernel call.
 
-Measures forward, backward and forward+backward for float32 and bfloat16 at sizes from
-128x64 to 4096x1024, all in one run on the same threads, and writes a JSON result file
-with the machine, versions, date and raw numbers. Ratios are the meaningful output on a
-noisy machine: every implementation is timed in the same run.
+Two sections, every implementation timed side by side in the same run:
 
-    python benchmarks/bench_cpu.py --threads 2 --out benchmarks/results/cpu-<date>.json
+- small: the latents of MLP VAEs, [128, 32] and [100, 50] float32, at --small-threads
+  (default 1). The per-call overhead lines compare the public function with the raw op
+  call it makes (``torch.ops.fused_vae.*`` with the same prepared seed tensor, no autograd).
+- large: 128x64 to 4096x1024, float32 and bfloat16, at --threads.
+
+Cases: forward without grad, forward (graph recorded), backward (replayed on a retained
+graph), forward+backward. Implementations: ``raw_op`` (the op calls that
+``fv.reparameterize_kl`` makes, captured once and replayed), ``fused``
+(``fv.reparameterize_kl(mu, logvar)`` with default arguments), ``eager`` and ``compile``
+(benchmarks/plain.py's expression, eagerly and under ``torch.compile``). Writes a JSON
+result file with the environment and raw numbers and prints its path last.
+
+    python benchmarks/bench_cpu.py            # both sections (about 10 minutes on 2 cores)
+    python benchmarks/bench_cpu.py --quick    # small sizes and 4096x1024 float32, short runs
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import fused_vae as fv  # noqa: E402
-from common import RESULTS_DIR, environment, write_result  # noqa: E402
+from common import environment, result_path, time_calls, timing_method, us, write_result  # noqa: E402
 from plain import reparameterize_kl_eager  # noqa: E402
 
-SIZES = [(128, 64), (512, 256), (1024, 512), (4096, 1024)]
+SMALL_SIZES = [(128, 32), (100, 50)]
+LARGE_SIZES = [(128, 64), (512, 256), (1024, 512), (4096, 1024)]
+QUICK_LARGE_SIZES = [(4096, 1024)]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-MODES = ("forward", "backward", "forward+backward")
-# Minimum bytes moved, in units of elements: forward reads mu, logvar and writes z;
+CASES = ("forward (no grad)", "forward", "backward", "forward+backward")
+# Minimum traffic in elements per element: forward reads mu, logvar and writes z;
 # backward reads grad_z, mu, logvar and writes grad_mu, grad_logvar.
-MIN_ELEMENTS_MOVED = {"forward": 3, "backward": 5, "forward+backward": 8}
-MAX_RAW_TIMES = 100  # raw per-run times kept in the result file (evenly spaced)
+MIN_ELEMENTS_MOVED = {"forward (no grad)": 3, "forward": 3, "backward": 5, "forward+backward": 8}
+TARGETS = {
+    "small_fwd_bwd_vs_eager": 3.0,  # forward+backward at the small sizes, x faster than eager
+    "small_fwd_no_grad_overhead_s": 10e-6,  # public call minus raw op call, forward without grad
+    "large_fwd_bwd_vs_eager_and_compile": 5.0,  # 4096x1024 float32 forward+backward
+}
 
 
-def fused(mu, logvar):
-    return fv.reparameterize_kl(mu, logvar, backend="cpu")
+class _CaptureFusedOps(TorchDispatchMode):
+    """Records the calls of fused_vae ops (below autograd) made inside the block."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func.namespace == "fused_vae":
+            self.calls.append((func, args, kwargs))
+        return func(*args, **kwargs)
 
 
-def make_case(impl, mu, lv, gz, gkl, mode):
-    """(setup, timed) callables for one step of ``mode``; setup's result feeds timed.
+def capture_raw_ops(mu, lv, gz, gkl):
+    """The (op, args, kwargs) of the forward and backward op calls that
+    ``fv.reparameterize_kl(mu, lv)`` and its backward make, with their seed tensor.
 
-    The backward is timed on a fresh forward graph each iteration (the forward itself is
-    untimed) because compiled backward graphs cannot be retained and replayed.
+    Raises:
+        RuntimeError: the public function did not call exactly one forward and one
+            backward fused_vae op (e.g. the ops were renamed).
     """
-    if mode == "forward":
-        return (lambda: None), (lambda _: impl(mu, lv))
-    if mode == "backward":
-        return (lambda: impl(mu, lv)), (lambda out: torch.autograd.grad(out, (mu, lv), (gz, gkl)))
-
-    def step(_):
-        z, kl = impl(mu, lv)
-        return torch.autograd.grad((z, kl), (mu, lv), (gz, gkl))
-
-    return (lambda: None), step
+    with _CaptureFusedOps() as cap:
+        z, kl = fv.reparameterize_kl(mu, lv)
+        torch.autograd.grad((z, kl), (mu, lv), (gz, gkl))
+    if len(cap.calls) != 2:
+        names = [str(c[0]) for c in cap.calls]
+        raise RuntimeError(f"expected one forward and one backward fused_vae op call, saw {names}")
+    return cap.calls[0], cap.calls[1]
 
 
-def measure(setup, timed, min_run_time: float, min_runs: int = 20) -> dict:
-    """Median wall time of ``timed(setup())`` over at least min_runs runs and min_run_time s."""
-    for _ in range(3):
-        timed(setup())  # warm up (and trigger compilation)
-    times = []
-    start = time.perf_counter()
-    while len(times) < min_runs or time.perf_counter() - start < min_run_time:
-        state = setup()
-        t0 = time.perf_counter()
-        timed(state)
-        times.append(time.perf_counter() - t0)
-    q1, _, q3 = statistics.quantiles(times, n=4)
-    stride = max(1, len(times) // MAX_RAW_TIMES)
-    return {
-        "median_s": statistics.median(times),
-        "iqr_s": q3 - q1,
-        "min_s": min(times),
-        "runs": len(times),
-        "times_s_every_nth": stride,
-        "times_s": times[::stride][:MAX_RAW_TIMES],
-    }
+def _detached(args):
+    return tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2)")
-    parser.add_argument("--min-run-time", type=float, default=1.0, help="seconds of timing per case")
-    parser.add_argument("--sizes", default=None, help="comma list like 128x64,4096x1024 (default: all)")
-    parser.add_argument("--out", type=Path, default=None, help="result JSON path")
-    args = parser.parse_args(argv)
+def case_callables(case, mu, lv, gz, gkl, compiled, raw):
+    """``{impl: zero-argument callable}`` running one call of ``case`` for each implementation."""
+    impls = {"fused": lambda m, v: fv.reparameterize_kl(m, v), "eager": reparameterize_kl_eager, "compile": compiled}
+    (fwd_op, fwd_args, fwd_kw), (bwd_op, bwd_args, bwd_kw) = raw
+    fwd_args, bwd_args = _detached(fwd_args), _detached(bwd_args)
+    out = {}
+    if case == "forward (no grad)":
+        mu_d, lv_d = mu.detach(), lv.detach()
 
-    if not fv.available_backends()["cpu"].available:
-        print("cpu backend unavailable:", fv.available_backends()["cpu"].reason, file=sys.stderr)
-        return 1
-    torch.set_num_threads(args.threads)
-    sizes = SIZES if args.sizes is None else [tuple(int(v) for v in s.split("x")) for s in args.sizes.split(",")]
-    impls = {
-        "fused": fused,
-        "eager": reparameterize_kl_eager,
-        "compile": torch.compile(reparameterize_kl_eager, dynamic=False),
-    }
+        def no_grad(fn):
+            def run():
+                with torch.no_grad():
+                    return fn()
+            return run
+
+        out["raw_op"] = no_grad(lambda: fwd_op(*fwd_args, **fwd_kw))
+        for name, impl in impls.items():
+            out[name] = no_grad(lambda impl=impl: impl(mu_d, lv_d))
+    elif case == "forward":
+        for name, impl in impls.items():
+            out[name] = lambda impl=impl: impl(mu, lv)
+    elif case == "backward":
+        out["raw_op"] = lambda: bwd_op(*bwd_args, **bwd_kw)
+        for name, impl in impls.items():
+            z, kl = impl(mu, lv)
+            out[name] = lambda z=z, kl=kl: torch.autograd.grad((z, kl), (mu, lv), (gz, gkl), retain_graph=True)
+    elif case == "forward+backward":
+        def raw_pair():
+            fwd_op(*fwd_args, **fwd_kw)
+            return bwd_op(*bwd_args, **bwd_kw)
+
+        out["raw_op"] = raw_pair
+        for name, impl in impls.items():
+            def step(impl=impl):
+                z, kl = impl(mu, lv)
+                return torch.autograd.grad((z, kl), (mu, lv), (gz, gkl))
+            out[name] = step
+    else:
+        raise ValueError(f"unknown case {case!r}")
+    return out
+
+
+def run_section(section, sizes, dtypes, threads, min_run_time):
+    """Times every case and implementation for each (dtype, size); returns result rows."""
+    torch.set_num_threads(threads)
     rows = []
-    for dname, dtype in DTYPES.items():
+    for dname in dtypes:
+        dtype = DTYPES[dname]
         for shape in sizes:
+            torch._dynamo.reset()  # a fresh compile cache per shape (dynamic=False recompiles)
+            compiled = torch.compile(reparameterize_kl_eager, dynamic=False)
             g = torch.Generator().manual_seed(0)
             mu = torch.randn(shape, generator=g).to(dtype).requires_grad_()
             lv = torch.randn(shape, generator=g).to(dtype).requires_grad_()
             gz = torch.randn(shape, generator=g).to(dtype)
             gkl = torch.tensor(1.0)
-            numel = mu.numel()
-            for mode in MODES:
-                result = {"dtype": dname, "shape": list(shape), "mode": mode}
-                for name, impl in impls.items():
-                    r = measure(*make_case(impl, mu, lv, gz, gkl, mode), args.min_run_time)
-                    r["GB_per_s"] = MIN_ELEMENTS_MOVED[mode] * numel * mu.element_size() / r["median_s"] / 1e9
-                    result[name] = r
-                result["speedup_vs_eager"] = result["eager"]["median_s"] / result["fused"]["median_s"]
-                result["speedup_vs_compile"] = result["compile"]["median_s"] / result["fused"]["median_s"]
-                rows.append(result)
-                print(
-                    f"{dname:8s} {shape[0]:5d}x{shape[1]:<5d} {mode:17s} "
-                    f"fused {result['fused']['median_s'] * 1e3:8.3f} ms ({result['fused']['GB_per_s']:5.1f} GB/s)  "
-                    f"eager {result['eager']['median_s'] * 1e3:8.3f} ms  compile {result['compile']['median_s'] * 1e3:8.3f} ms  "
-                    f"x{result['speedup_vs_eager']:.2f} vs eager  x{result['speedup_vs_compile']:.2f} vs compile",
-                    flush=True,
-                )
-    out = args.out or RESULTS_DIR / f"cpu-{_dt.date.today().isoformat()}.json"
+            raw = capture_raw_ops(mu, lv, gz, gkl)
+            for case in CASES:
+                timings = time_calls(case_callables(case, mu, lv, gz, gkl, compiled, raw), min_run_time=min_run_time)
+                moved = MIN_ELEMENTS_MOVED[case] * mu.numel() * mu.element_size()
+                for t in timings.values():
+                    t["GB_per_s"] = moved / t["median_s"] / 1e9
+                fused = timings["fused"]["median_s"]
+                row = {"section": section, "dtype": dname, "shape": list(shape), "threads": threads, "case": case,
+                       "impls": timings,
+                       "speedup_vs_eager": timings["eager"]["median_s"] / fused,
+                       "speedup_vs_compile": timings["compile"]["median_s"] / fused}
+                if "raw_op" in timings:
+                    row["fused_minus_raw_op_s"] = fused - timings["raw_op"]["median_s"]
+                rows.append(row)
+                print(format_row(row), flush=True)
+    return rows
+
+
+def format_row(row) -> str:
+    """One printed line: the median per call of each implementation and the ratios."""
+    shape = "x".join(map(str, row["shape"]))
+    cells = "  ".join(f"{name} {us(t['median_s'])}" for name, t in row["impls"].items())
+    extra = f"  fused-raw {us(row['fused_minus_raw_op_s'])}" if "fused_minus_raw_op_s" in row else ""
+    return (f"{row['dtype']:8s} {shape:>9s} t={row['threads']} {row['case']:17s} {cells}  "
+            f"x{row['speedup_vs_eager']:.2f} vs eager  x{row['speedup_vs_compile']:.2f} vs compile{extra}")
+
+
+def evaluate_targets(rows) -> list[str]:
+    """The targets stated against the measured rows (PASS/MISS; nothing where data is missing)."""
+    lines = []
+
+    def find(section, dtype, shape, case):
+        return [r for r in rows if r["section"] == section and r["dtype"] == dtype and r["shape"] == list(shape)
+                and r["case"] == case]
+
+    for shape in SMALL_SIZES:
+        for r in find("small", "float32", shape, "forward+backward"):
+            goal = TARGETS["small_fwd_bwd_vs_eager"]
+            ok = r["speedup_vs_eager"] >= goal
+            lines.append(f"[{'PASS' if ok else 'MISS'}] {list(shape)} float32 forward+backward, {r['threads']} thread(s): "
+                         f"x{r['speedup_vs_eager']:.2f} vs eager (target {goal:g}x); raw ops "
+                         f"{us(r['impls']['raw_op']['median_s']).strip()}, fused {us(r['impls']['fused']['median_s']).strip()}, "
+                         f"eager {us(r['impls']['eager']['median_s']).strip()}")
+        for r in find("small", "float32", shape, "forward (no grad)"):
+            goal = TARGETS["small_fwd_no_grad_overhead_s"]
+            ok = r["fused_minus_raw_op_s"] <= goal
+            lines.append(f"[{'PASS' if ok else 'MISS'}] {list(shape)} float32 forward without grad, {r['threads']} thread(s): "
+                         f"fused {us(r['impls']['fused']['median_s']).strip()} - raw op "
+                         f"{us(r['impls']['raw_op']['median_s']).strip()} = {us(r['fused_minus_raw_op_s']).strip()} "
+                         f"(target <= {goal * 1e6:g} us)")
+    for r in find("large", "float32", (4096, 1024), "forward+backward"):
+        goal = TARGETS["large_fwd_bwd_vs_eager_and_compile"]
+        ok = min(r["speedup_vs_eager"], r["speedup_vs_compile"]) >= goal
+        lines.append(f"[{'PASS' if ok else 'MISS'}] 4096x1024 float32 forward+backward, {r['threads']} thread(s): "
+                     f"x{r['speedup_vs_eager']:.2f} vs eager, x{r['speedup_vs_compile']:.2f} vs torch.compile "
+                     f"(target {goal:g}x both)")
+    return lines
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
+                        help="torch threads of the large section (default: torch's, here %(default)s)")
+    parser.add_argument("--small-threads", type=int, default=1, help="torch threads of the small section (default 1)")
+    parser.add_argument("--sections", default="small,large", help="comma list of small, large (default: both)")
+    parser.add_argument("--min-run-time", type=float, default=None,
+                        help="seconds of timing per implementation and case (default 1.0; 0.3 with --quick)")
+    parser.add_argument("--quick", action="store_true", help="large section at 4096x1024 float32 only, short runs")
+    parser.add_argument("--out", type=Path, default=None, help="result JSON path (default: results/cpu-ops-<time>.json)")
+    args = parser.parse_args(argv)
+
+    info = fv.available_backends()["cpu"]
+    if not info.available:
+        print("cpu backend unavailable:", info.reason, file=sys.stderr)
+        return 1
+    min_run_time = args.min_run_time or (0.3 if args.quick else 1.0)
+    sections = [s for s in args.sections.split(",") if s]
+    rows = []
+    if "small" in sections:
+        rows += run_section("small", SMALL_SIZES, ["float32"], args.small_threads, min_run_time)
+    if "large" in sections:
+        sizes = QUICK_LARGE_SIZES if args.quick else LARGE_SIZES
+        dtypes = ["float32"] if args.quick else list(DTYPES)
+        rows += run_section("large", sizes, dtypes, args.threads, min_run_time)
+    targets = evaluate_targets(rows)
+    print("\n".join(targets))
     payload = {
         "benchmark": "bench_cpu",
         "environment": environment(),
+        "quick": args.quick,
+        "method": timing_method(min_run_time) + "; backward replays autograd.grad on a retained graph",
+        "implementations": {
+            "raw_op": "the torch.ops.fused_vae forward/backward calls fv.reparameterize_kl makes, captured "
+                      "once (same seed tensor, kl mode) and replayed on detached inputs, no autograd",
+            "fused": "fv.reparameterize_kl(mu, logvar) with default arguments (seed=None, batchmean, "
+                     "automatic backend)",
+            "eager": "benchmarks/plain.py reparameterize_kl_eager (randn_like, exp, KL batch mean)",
+            "compile": "torch.compile(reparameterize_kl_eager, dynamic=False)",
+        },
         "min_elements_moved": MIN_ELEMENTS_MOVED,
-        "baseline": "benchmarks/plain.py: reparameterize_kl_eager (randn_like/exp/KL batch mean)",
+        "targets": TARGETS,
+        "target_lines": targets,
         "results": rows,
     }
-    print("wrote", write_result(out, payload))
+    out = write_result(args.out or result_path("cpu-ops", quick=args.quick), payload)
+    print(out)
     return 0
 
 

@@ -4,7 +4,7 @@ Measures, on one CUDA device, forward, backward and forward+backward of
 
     z, kl = fv.reparameterize_kl(mu, logvar, backend=...)        # "triton", "cuda"
 
-against the expression users write, run eagerly and through
+against benchmarks/plain.py's expression (what users write), run eagerly and through
 ``torch.compile(mode="max-autotune-no-cudagraphs")``::
 
     z  = mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
@@ -18,30 +18,32 @@ run; achieved bandwidth is reported over the minimum bytes each pass must move:
     backward:         read grad_z, mu, logvar; write grad_mu, grad_logvar   5 * N * elsize
     forward+backward: the sum                                     8 * N * elsize
 
-(the KL and its gradient are scalars). Timing: CUDA events around a loop of back-to-back
-calls (so host overheads such as launches count, as they do in training), after warmup;
-the median over repetitions of the per-call time is reported.
+(the KL and its gradient are scalars). Timing: benchmarks/common.py's ``time_calls``
+(``torch.utils.benchmark.Timer``, which synchronises the device around each block of
+back-to-back calls, so host overheads such as launches count, as they do in training),
+the implementations' blocks interleaved, median and IQR per call.
 
 Usage (on the GPU machine, from the repository root)::
 
-    PYTHONPATH=. python benchmarks/bench_gpu.py --out benchmarks/results/<file>.json
+    PYTHONPATH=. python benchmarks/bench_gpu.py                  # writes results/gpu-ops-<time>.json
     PYTHONPATH=. python benchmarks/bench_gpu.py --quick          # fewer sizes, no max-autotune
 
 This is a benchmark, not a test: it prints a table and writes raw results (device,
-versions, date) as JSON; it never fabricates numbers and refuses to run without CUDA.
+versions, date) as JSON, and prints the file's path last; it refuses to run without CUDA.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
-import json
 import math
-import platform
-import statistics
 import sys
 import time
-from collections.abc import Callable
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import environment, result_path, time_calls, timing_method, write_result  # noqa: E402
+from plain import reparameterize_kl_eager as plain  # noqa: E402
 
 SIZES = [
     (128, 32),
@@ -59,63 +61,27 @@ BYTES_PER_ELEMENT = {"fwd": 3, "bwd": 5, "fwdbwd": 8}  # x element size; see mod
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", help="write raw results as JSON to this path")
+    p.add_argument("--out", help="result JSON path (default: benchmarks/results/gpu-ops-<time>.json)")
     p.add_argument("--backends", default="triton,cuda", help="fused backends to time (comma list; unavailable ones are recorded and skipped)")
     p.add_argument("--dtypes", default="float32,bfloat16", help="comma list of float32, bfloat16, float16")
     p.add_argument("--sizes", default=None, help="semicolon list of shapes, e.g. '128x32;64x16x128x128' (default: the standard set)")
     p.add_argument("--passes", default=",".join(PASSES), help="comma list of fwd, bwd, fwdbwd")
     p.add_argument("--compile-mode", default="max-autotune-no-cudagraphs", help="torch.compile mode of the baseline ('none' to skip it)")
-    p.add_argument("--reps", type=int, default=15, help="timed repetitions (median reported)")
-    p.add_argument("--min-time-ms", type=float, default=20.0, help="minimum duration of one repetition (sets the loop length)")
+    p.add_argument("--min-run-time", type=float, default=None, help="seconds of timing per implementation and case (default 1.0; 0.3 with --quick)")
     p.add_argument("--copy-mib", type=int, default=1024, help="size of each buffer of the copy-bandwidth measurement")
-    p.add_argument("--quick", action="store_true", help="fewer sizes, compile mode 'default', 7 repetitions")
+    p.add_argument("--quick", action="store_true", help="fewer sizes, compile mode 'default', short runs")
     return p.parse_args(argv)
 
 
-# --------------------------------------------------------------------------- timing
-
-
-def time_per_call(fn: Callable[[], object], reps: int, min_time_ms: float) -> dict:
-    """Median per-call time (ms) of back-to-back calls, timed with CUDA events."""
-    import torch
-
-    for _ in range(3):  # warmup (compilation, autotuning, allocator)
-        fn()
-    torch.cuda.synchronize()
-    # calibrate the number of calls per repetition
-    iters = 1
-    while True:
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(iters):
-            fn()
-        end.record()
-        end.synchronize()
-        elapsed = start.elapsed_time(end)
-        if elapsed >= min_time_ms or iters >= 1 << 14:
-            break
-        iters = min(1 << 14, max(iters * 2, int(iters * min_time_ms / max(elapsed, 1e-3)) + 1))
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(iters):
-            fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / iters)
-    return {"median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times), "iters": iters, "reps": reps}
-
-
-def copy_bandwidth(mib: int, reps: int) -> dict:
+def copy_bandwidth(mib: int, min_run_time: float) -> dict:
     """Device-to-device copy bandwidth (read + write bytes per second) of dst.copy_(src)."""
     import torch
 
     n = mib * (1 << 20) // 4
     src = torch.empty(n, dtype=torch.float32, device="cuda").uniform_()
     dst = torch.empty_like(src)
-    t = time_per_call(lambda: dst.copy_(src), reps=reps, min_time_ms=50.0)
-    gbps = 2 * n * 4 / (t["median_ms"] * 1e-3) / 1e9
+    t = time_calls({"copy": lambda: dst.copy_(src)}, min_run_time=min_run_time)["copy"]
+    gbps = 2 * n * 4 / t["median_s"] / 1e9
     del src, dst
     torch.cuda.empty_cache()
     return {"bytes_per_copy": 2 * n * 4, "GBps": gbps, **t}
@@ -124,16 +90,8 @@ def copy_bandwidth(mib: int, reps: int) -> dict:
 # --------------------------------------------------------------------------- workloads
 
 
-def plain(mu, logvar):
-    """The expression users write (the baselines: eager and torch.compile)."""
-    import torch
-
-    z = mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
-    kl = 0.5 * (mu**2 + logvar.exp() - logvar - 1).sum() / mu.shape[0]
-    return z, kl
-
-
 def make_impls(backends, compile_mode, availability):
+    """``{name: fn(mu, logvar) -> (z, kl)}``: eager, torch.compile (unless 'none') and each available backend."""
     import torch
 
     import fused_vae as fv
@@ -198,48 +156,28 @@ def main(argv=None) -> int:
         return 2
     import fused_vae as fv
 
-    if args.quick:
-        args.reps = min(args.reps, 7)
-        if args.compile_mode == "max-autotune-no-cudagraphs":
-            args.compile_mode = "default"
+    if args.quick and args.compile_mode == "max-autotune-no-cudagraphs":
+        args.compile_mode = "default"
+    min_run_time = args.min_run_time or (0.3 if args.quick else 1.0)
     sizes = [tuple(int(x) for x in s.split("x")) for s in args.sizes.split(";")] if args.sizes else (QUICK_SIZES if args.quick else SIZES)
     dtypes = [getattr(torch, d) for d in args.dtypes.split(",")]
     passes = [p for p in args.passes.split(",") if p]
     backends = [b for b in args.backends.split(",") if b]
     info = fv.available_backends()
     availability = {b: {"available": info[b].available and "cuda" in info[b].devices, "reason": info[b].reason} for b in backends}
-
-    try:
-        import triton
-
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
-    props = torch.cuda.get_device_properties(0)
     meta = {
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "device": torch.cuda.get_device_name(0),
-        "capability": list(torch.cuda.get_device_capability(0)),
-        "sm_count": props.multi_processor_count,
-        "memory_GiB": round(props.total_memory / 2**30, 1),
-        "torch": torch.__version__,
-        "triton": triton_version,
-        "cuda_runtime": torch.version.cuda,
-        "python": platform.python_version(),
-        "fused_vae": fv.__version__,
+        "environment": environment(),
         "backends": availability,
         "compile_mode": args.compile_mode,
-        "method": (
-            "CUDA events around a loop of back-to-back calls (host overhead included), "
-            f"3 warmup calls, median of {args.reps} repetitions of >= {args.min_time_ms} ms; "
-            "fused backends with seed=None and reduction='batchmean'; bwd = autograd.grad on a retained graph"
-        ),
+        "method": timing_method(min_run_time) + " (the device synchronised around each block, host overhead "
+                  "included); fused backends with seed=None and reduction='batchmean'; bwd = autograd.grad on a retained graph",
         "bytes_model": "fwd 3*N*elsize, bwd 5*N*elsize, fwdbwd 8*N*elsize",
     }
-    print(json.dumps(meta, indent=1))
-    copy = copy_bandwidth(args.copy_mib, args.reps)
+    print(meta)
+    copy = copy_bandwidth(args.copy_mib, min_run_time)
     print(f"copy bandwidth: {copy['GBps']:.0f} GB/s")
     impls = make_impls(backends, args.compile_mode, availability)
+    out = Path(args.out) if args.out else result_path("gpu-ops", quick=args.quick)
 
     rows = []
     for dtype in dtypes:
@@ -251,71 +189,70 @@ def main(argv=None) -> int:
             mu = torch.randn(shape, device="cuda", dtype=dtype, generator=g).requires_grad_(True)
             lv = (0.5 * torch.randn(shape, device="cuda", dtype=dtype, generator=g)).requires_grad_(True)
             grad_z = torch.randn(shape, device="cuda", dtype=dtype, generator=g)
-            checks = {}
-            for name in backends:
-                if name in impls:
-                    checks[name] = sanity(impls[name], mu, lv)
+            checks = {name: sanity(impls[name], mu, lv) for name in backends if name in impls}
             for kind in passes:
-                base = {}
+                base = {"shape": list(shape), "numel": n, "dtype": str(dtype).replace("torch.", ""), "pass": kind}
+                fns, new_rows = {}, []
                 for name, impl in impls.items():
-                    entry = {"shape": list(shape), "numel": n, "dtype": str(dtype).replace("torch.", ""), "pass": kind, "impl": name}
                     try:
-                        t = time_per_call(pass_fn(impl, kind, mu, lv, grad_z), args.reps, args.min_time_ms)
+                        fns[name] = pass_fn(impl, kind, mu, lv, grad_z)
                     except Exception as e:  # noqa: BLE001 - recorded, the run goes on
-                        entry["error"] = f"{type(e).__name__}: {e}"[:500]
-                        rows.append(entry)
-                        print(f"{entry['dtype']:>8} {str(shape):>20} {kind:>6} {name:>8}  ERROR {entry['error'][:120]}")
-                        continue
-                    min_bytes = BYTES_PER_ELEMENT[kind] * n * esize
-                    gbps = min_bytes / (t["median_ms"] * 1e-3) / 1e9
-                    entry.update(t, min_bytes=min_bytes, GBps=gbps, frac_copy_bw=gbps / copy["GBps"])
+                        new_rows.append({**base, "impl": name, "error": f"{type(e).__name__}: {e}"[:500]})
+                for name, fn in list(fns.items()):  # a first call, so a failing implementation is recorded alone
+                    try:
+                        fn()
+                    except Exception as e:  # noqa: BLE001 - recorded, the run goes on
+                        new_rows.append({**base, "impl": name, "error": f"{type(e).__name__}: {e}"[:500]})
+                        del fns[name]
+                timings = time_calls(fns, min_run_time=min_run_time)
+                min_bytes = BYTES_PER_ELEMENT[kind] * n * esize
+                for name, t in timings.items():
+                    gbps = min_bytes / t["median_s"] / 1e9
+                    entry = {**base, "impl": name, **t, "min_bytes": min_bytes, "GBps": gbps, "frac_copy_bw": gbps / copy["GBps"]}
                     if name in checks:
                         entry["kl_rel_diff_vs_float64"] = checks[name]
-                    base[name] = t["median_ms"]
-                    rows.append(entry)
-                for entry in rows[-len(impls) :]:
-                    if "median_ms" in entry:
-                        for ref in ("eager", "compile"):
-                            if ref in base and entry["impl"] != ref:
-                                entry[f"speedup_vs_{ref}"] = base[ref] / entry["median_ms"]
-                        print(
-                            f"{entry['dtype']:>8} {str(shape):>20} {kind:>6} {entry['impl']:>8} "
-                            f"{entry['median_ms'] * 1e3:9.1f} us {entry['GBps']:7.0f} GB/s {100 * entry['frac_copy_bw']:5.1f}% copy"
-                            + "".join(f"  x{entry[k]:.2f} vs {k[11:]}" for k in ("speedup_vs_eager", "speedup_vs_compile") if k in entry)
-                        )
+                    for ref in ("eager", "compile"):
+                        if ref in timings and name != ref:
+                            entry[f"speedup_vs_{ref}"] = timings[ref]["median_s"] / t["median_s"]
+                    new_rows.append(entry)
+                for entry in new_rows:
+                    if "error" in entry:
+                        print(f"{entry['dtype']:>8} {str(shape):>20} {kind:>6} {entry['impl']:>8}  ERROR {entry['error'][:120]}")
+                        continue
+                    print(
+                        f"{entry['dtype']:>8} {str(shape):>20} {kind:>6} {entry['impl']:>8} "
+                        f"{entry['median_s'] * 1e6:9.1f} us {entry['GBps']:7.0f} GB/s {100 * entry['frac_copy_bw']:5.1f}% copy"
+                        + "".join(f"  x{entry[k]:.2f} vs {k[11:]}" for k in ("speedup_vs_eager", "speedup_vs_compile") if k in entry)
+                    )
+                rows += new_rows
             del mu, lv, grad_z
             torch.cuda.empty_cache()
-            if args.out:  # partial results survive an interrupted run
-                _write(args.out, {"meta": meta, "copy_bandwidth": copy, "results": rows, "complete": False})
+            # partial results survive an interrupted run
+            write_result(out, {"meta": meta, "copy_bandwidth": copy, "results": rows, "complete": False})
 
     targets = evaluate_targets(rows, backends)
     for line in targets:
         print(line)
-    if args.out:
-        _write(args.out, {"meta": meta, "copy_bandwidth": copy, "results": rows, "targets": targets, "complete": True})
-        print(f"wrote {args.out}")
+    write_result(out, {"meta": meta, "copy_bandwidth": copy, "results": rows, "targets": targets, "complete": True})
+    print(out)
     return 0
 
 
-def _write(path, obj):
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=1)
-
-
 def evaluate_targets(rows, backends):
-    """Issue 3's targets, stated against the measured rows (no judgement where data is missing)."""
+    """The GPU targets, stated against the measured rows (no judgement where data is missing):
+    at 64M elements forward+backward at >= 85% of copy bandwidth and >= 1.3x torch.compile;
+    at [128, 32] forward+backward >= 5x eager."""
     lines = []
     for b in backends:
         for dtype in ("float32", "bfloat16"):
-            big = [r for r in rows if r["impl"] == b and r["pass"] == "fwdbwd" and r["dtype"] == dtype and r["numel"] >= 64 * 2**20 and "median_ms" in r]
-            for r in big:
+            mine = [r for r in rows if r["impl"] == b and r["pass"] == "fwdbwd" and r["dtype"] == dtype and "median_s" in r]
+            for r in (r for r in mine if r["numel"] >= 64 * 2**20):
                 ok = r["frac_copy_bw"] >= 0.85 and r.get("speedup_vs_compile", 0) >= 1.3
                 lines.append(
                     f"[{'PASS' if ok else 'MISS'}] {b} {dtype} fwd+bwd {r['shape']}: {100 * r['frac_copy_bw']:.1f}% of copy bandwidth (target 85%), "
                     f"x{r.get('speedup_vs_compile', float('nan')):.2f} vs torch.compile (target 1.3)"
                 )
-            small = [r for r in rows if r["impl"] == b and r["pass"] == "fwdbwd" and r["dtype"] == dtype and r["shape"] == [128, 32] and "median_ms" in r]
-            for r in small:
+            for r in (r for r in mine if r["shape"] == [128, 32]):
                 ok = r.get("speedup_vs_eager", 0) >= 5
                 lines.append(f"[{'PASS' if ok else 'MISS'}] {b} {dtype} fwd+bwd [128, 32]: x{r.get('speedup_vs_eager', float('nan')):.2f} vs eager (target 5)")
     return lines

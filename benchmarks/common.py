@@ -1,4 +1,9 @@
-"""Helpers shared by the benchmark scripts: environment record and result files."""
+"""Helpers shared by the benchmark scripts: timing, environment record and result files.
+
+Every script times with :func:`time_calls` (``torch.utils.benchmark.Timer``, the
+implementations' timed blocks interleaved), records :func:`environment` next to the raw
+numbers and writes its JSON with :func:`write_result` under :data:`RESULTS_DIR`.
+"""
 
 from __future__ import annotations
 
@@ -7,11 +12,14 @@ import json
 import os
 import platform
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from torch.utils.benchmark import Measurement, Timer
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+MAX_RAW_TIMES = 100  # block times kept per measurement in a result file (evenly spaced)
 
 
 def cpu_model() -> str:
@@ -25,8 +33,30 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+def _git(*args: str, cwd: Path) -> str | None:
+    try:
+        done = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout.strip() if done.returncode == 0 else None
+
+
+def git_state() -> dict:
+    """The commit of the checkout that ``fused_vae`` is imported from and its uncommitted
+    changes to the measured code (``fused_vae/``, ``csrc/``), so a result names the code it timed."""
+    import fused_vae
+
+    root = Path(fused_vae.__file__).resolve().parent.parent
+    changed = _git("status", "--porcelain", "--", "fused_vae", "csrc", cwd=root)
+    return {
+        "checkout": str(root),
+        "commit": _git("rev-parse", "HEAD", cwd=root),
+        "uncommitted_code_changes": changed.splitlines() if changed else [],
+    }
+
+
 def environment() -> dict:
-    """Machine, versions and date to store next to raw numbers."""
+    """Machine, versions, threads, load, git commit and date to store next to raw numbers."""
     import fused_vae
 
     env = {
@@ -34,19 +64,25 @@ def environment() -> dict:
         "machine": platform.machine(),
         "cpu": cpu_model(),
         "logical_cpus": os.cpu_count(),
+        "load_average_1_5_15min": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         "torch_threads": torch.get_num_threads(),
         "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "fused_vae": fused_vae.__version__,
         "platform": platform.platform(),
+        "git": git_state(),
     }
     try:
         env["cxx"] = subprocess.run(["c++", "--version"], capture_output=True, text=True).stdout.splitlines()[0]
     except (OSError, IndexError):
         pass
     if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
         env["gpu"] = torch.cuda.get_device_name()
+        env["gpu_capability"] = list(torch.cuda.get_device_capability(0))
+        env["gpu_sm_count"] = props.multi_processor_count
+        env["gpu_memory_GiB"] = round(props.total_memory / 2**30, 1)
         env["cuda"] = torch.version.cuda
     try:
         import triton
@@ -57,8 +93,85 @@ def environment() -> dict:
     return env
 
 
+def summarize(measurement: Measurement, calls: int) -> dict:
+    """JSON-able statistics of a (merged) Measurement: per-call median and IQR over the
+    timed blocks, the number of calls timed, and up to MAX_RAW_TIMES block times."""
+    times = measurement.times  # seconds per call, one entry per timed block
+    stride = max(1, len(times) // MAX_RAW_TIMES)
+    return {
+        "median_s": measurement.median,
+        "iqr_s": measurement.iqr,
+        "min_s": min(times),
+        "runs": calls,
+        "blocks": len(times),
+        "times_s_every_nth_block": stride,
+        "times_s": times[::stride][:MAX_RAW_TIMES],
+    }
+
+
+def time_calls(fns: dict[str, Callable[[], object]], *, min_run_time: float = 1.0, warmup: int = 3,
+               block_time: float = 1e-3) -> dict[str, dict]:
+    """Times each zero-argument callable of ``fns`` side by side.
+
+    Each callable is called ``warmup`` times (compilation, allocator), its time per call
+    estimated with ``torch.utils.benchmark.Timer.blocked_autorange``, and its block size
+    set to the calls that take about ``block_time`` seconds (at least one). The blocks are
+    then timed with ``Timer.timeit`` in turn (A, B, C, A, B, C, ...) until each callable
+    has run for ``min_run_time`` seconds, so bursts of load on a shared machine hit every
+    implementation alike; short blocks let the median skip the blocks in which the
+    process was descheduled. Runs on the current ``torch.get_num_threads()``; where an
+    accelerator is present the Timer synchronises it around each block, so device time
+    counts.
+
+    Returns:
+        ``{name: summarize(...)}``: ``median_s`` and ``iqr_s`` per call over the blocks,
+        ``runs`` (calls timed), ``blocks`` and raw block times.
+    """
+    threads = torch.get_num_threads()
+    timers = {name: Timer(stmt="fn()", globals={"fn": fn}, label=name, num_threads=threads) for name, fn in fns.items()}
+    number = {}
+    for name, fn in fns.items():
+        for _ in range(warmup):
+            fn()
+        per_call = timers[name].blocked_autorange(min_run_time=0.05).median
+        number[name] = max(1, round(block_time / max(per_call, 1e-9)))
+    parts: dict[str, list[Measurement]] = {name: [] for name in fns}
+    spent = dict.fromkeys(fns, 0.0)
+    while any(t < min_run_time for t in spent.values()):
+        for name, timer in timers.items():
+            if spent[name] < min_run_time:
+                m = timer.timeit(number[name])
+                parts[name].append(m)
+                spent[name] += m.raw_times[0]
+    results = {}
+    for name, ms in parts.items():
+        calls = sum(len(m.raw_times) * m.number_per_run for m in ms)
+        (merged,) = Measurement.merge(ms)
+        results[name] = summarize(merged, calls)
+    return results
+
+
+def timing_method(min_run_time: float) -> str:
+    """How :func:`time_calls` measured, for the ``method`` field of a result file."""
+    return ("benchmarks/common.py time_calls: torch.utils.benchmark.Timer, 3 warm-up calls, blocks of about 1 ms "
+            "(at least one call) sized with blocked_autorange, the implementations' blocks timed in turn until each "
+            f"ran {min_run_time:g} s; median and IQR of the per-call time over blocks")
+
+
+def result_path(kind: str, *, quick: bool = False) -> Path:
+    """``RESULTS_DIR/<kind>-<UTC date>T<HHMM>Z[-quick].json``: what the file holds and when."""
+    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H%MZ")
+    return RESULTS_DIR / f"{kind}-{stamp}{'-quick' if quick else ''}.json"
+
+
 def write_result(path: Path, payload: dict) -> Path:
     """Writes the JSON result file (creating its folder)."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=2) + "\n")
     return path
+
+
+def us(seconds: float) -> str:
+    """``seconds`` as microseconds for a table cell, e.g. ``'  42.1 us'``."""
+    return f"{seconds * 1e6:8.1f} us"

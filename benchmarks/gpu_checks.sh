@@ -4,7 +4,7 @@
 #   tests/test_cuda.py (then its slow 64-bit indexing tests), the shared contract suite,
 #   compute-sanitizer memcheck / racecheck / synccheck / initcheck over a short driver
 #   that runs every kernel path, and a bandwidth check of forward+backward at 64M
-#   elements against the measured copy bandwidth, then benchmarks/bench_gpu.py if present.
+#   elements against the measured copy bandwidth, then benchmarks/bench_gpu.py.
 # Logs, a summary and raw JSON go to $OUT (default benchmarks/results/gpu-checks-<UTC time>).
 #
 #   bash benchmarks/gpu_checks.sh            # everything
@@ -31,8 +31,6 @@ step() {  # step NAME CMD...: runs CMD, log in $OUT/NAME.log, rc in summary.txt
 step env bash -c 'nvidia-smi; nvcc --version; python -c "import sys, torch; print(sys.version); print(torch.__version__, torch.version.cuda, torch.cuda.get_device_name())"'
 step build env FUSED_VAE_VERBOSE_BUILD=1 python -c '
 import fused_vae as fv
-from fused_vae import _extension
-print(_extension.status())
 info = fv.available_backends()
 print(info)
 assert info["cuda"].available, info["cuda"].reason
@@ -92,26 +90,17 @@ fi
 # grad_z, mu, logvar, grad_mu, grad_logvar) against a device-to-device copy.
 cat > "$OUT/bandwidth.py" <<'EOF'
 import json, sys
+sys.path.insert(0, "benchmarks")
 import torch
 import fused_vae as fv
+from common import environment, time_calls
 
-def timed(fn, iters=20):
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(iters):
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    times.sort()
-    return times[len(times) // 2]
+def timed(fn):
+    """Median seconds per call (benchmarks/common.py's shared timing helper)."""
+    return time_calls({"fn": fn}, min_run_time=1.0)["fn"]["median_s"]
 
 dev = "cuda"
-results = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "cases": []}
+results = {"environment": environment(), "cases": []}
 n = 64 * 1024 * 1024
 src = torch.empty(4 * n, dtype=torch.uint8, device=dev)
 dst = torch.empty_like(src)
@@ -144,10 +133,8 @@ for dtype in (torch.float32, torch.bfloat16):
 json.dump(results, open(sys.argv[1], "w"), indent=2)
 EOF
 step bandwidth python "$OUT/bandwidth.py" "$OUT/bandwidth.json"
-# The project's GPU benchmark (Triton issue) for cuda next to triton, when present.
-if [ -f benchmarks/bench_gpu.py ]; then
-  step bench_gpu env PYTHONPATH=. python benchmarks/bench_gpu.py --backends cuda,triton --out "$OUT/bench_gpu.json"
-fi
+# The GPU benchmark, cuda next to triton.
+step bench_gpu env PYTHONPATH=. python benchmarks/bench_gpu.py --backends cuda,triton --out "$OUT/bench_gpu.json"
 
 echo "summary in $OUT/summary.txt (overall status $status)"
 exit $status

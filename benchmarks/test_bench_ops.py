@@ -1,4 +1,4 @@
-"""pytest-benchmark view of the same comparison as bench_cpu.py, for quick local checks.
+"""pytest-benchmark view of bench_cpu.py's forward+backward comparison, for quick local checks.
 
     python -m pytest benchmarks/test_bench_ops.py --benchmark-group-by=param:shape
 
@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import fused_vae as fv  # noqa: E402
 from plain import reparameterize_kl_eager  # noqa: E402
 
-SHAPES = [(128, 64), (1024, 512), (4096, 1024)]
+SHAPES = [(128, 32), (100, 50), (128, 64), (1024, 512), (4096, 1024)]
 IMPLS = {
     "fused": lambda mu, lv: fv.reparameterize_kl(mu, lv),
     "eager": reparameterize_kl_eager,
