@@ -35,13 +35,14 @@ def _run(mu, logvar, seed, num_samples, kl_mode, logvar_clamp, backend):
     """Checks the arguments and runs the op; z is ``[S, *mu.shape]`` (``[0]`` for S = 0)."""
     V.check_pair(mu, logvar)
     lo, hi = (None, None) if logvar_clamp is None else V.check_clamp(logvar_clamp)
-    impl = _backends.resolve(backend, mu.device)
+    device = mu.device
+    impl = _backends.resolve(backend, device)
     if num_samples == 0:  # gaussian_kl: the op takes a seed it does not read
-        seed_t = _kl_seeds.get(mu.device)
+        seed_t = _kl_seeds.get(device)
         if seed_t is None:
-            seed_t = _kl_seeds.setdefault(mu.device, torch.zeros((), dtype=torch.int64, device=mu.device))
+            seed_t = _kl_seeds.setdefault(device, torch.zeros((), dtype=torch.int64, device=device))
     else:
-        seed_t = V.seed_tensor(seed, mu.device)
+        seed_t = V.seed_tensor(seed, device)
     if _transform_active():
         eps = reference_noise(mu, seed_t, num_samples) if num_samples > 0 else None
         return forward_from_eps(mu, logvar, eps, kl_mode, lo, hi)
@@ -88,7 +89,7 @@ def reparameterize_kl(
     """
     samples = 1 if num_samples is None else V.check_num_samples(num_samples)
     z, kl = _run(mu, logvar, seed, samples, _kl_mode(reduction), logvar_clamp, backend)
-    return (z.view(mu.shape) if num_samples is None else z), kl
+    return (z.squeeze(0) if num_samples is None else z), kl
 
 
 def reparameterize(
@@ -106,7 +107,7 @@ def reparameterize(
     """
     samples = 1 if num_samples is None else V.check_num_samples(num_samples)
     z, _ = _run(mu, logvar, seed, samples, P.KL_SKIP, logvar_clamp, backend)
-    return z.view(mu.shape) if num_samples is None else z
+    return z.squeeze(0) if num_samples is None else z
 
 
 def gaussian_kl(

@@ -16,6 +16,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <vector>
 
 #include "fused_vae/elementwise.h"
 #include "fused_vae/op_common.h"
@@ -255,7 +256,6 @@ std::tuple<at::Tensor, at::Tensor> reparam_kl_fwd_cpu(const at::Tensor& mu_in,
   at::Tensor kl = alloc_kl(mu, kl_mode);
   const bool reduced = kl_mode >= kKlPerSample;
   const at::ScalarType acc_type = reduced_kl_dtype(mu.scalar_type());
-  at::Tensor row_kl = reduced ? at::zeros({shape.B}, mu.options().dtype(acc_type)) : at::Tensor();
   at::Tensor chunk_kl;
   if (reduced && plan.chunks_per_row > 0) {
     chunk_kl = at::empty({shape.B * plan.chunks_per_row}, mu.options().dtype(acc_type));
@@ -264,12 +264,16 @@ std::tuple<at::Tensor, at::Tensor> reparam_kl_fwd_cpu(const at::Tensor& mu_in,
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, mu.scalar_type(), "reparam_kl_fwd_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
+    // Per-row sums go straight into kl for per_sample, else into a [B] buffer.
+    std::vector<acc_t> row_buf(reduced && kl_mode != kKlPerSample ? shape.B : 0);
+    acc_t* rows = !reduced ? nullptr : kl_mode == kKlPerSample ? kl.mutable_data_ptr<acc_t>() : row_buf.data();
+    if (reduced && shape.N == 0) std::fill(rows, rows + shape.B, acc_t(0));  // rows without elements
     FwdArgs<scalar_t> a;
     a.mu = mu.const_data_ptr<scalar_t>();
     a.lv = logvar.const_data_ptr<scalar_t>();
     a.z = num_samples > 0 ? z.mutable_data_ptr<scalar_t>() : nullptr;
     a.kl_elem = kl_mode == kKlElementwise ? kl.mutable_data_ptr<scalar_t>() : nullptr;
-    a.row_kl = reduced ? row_kl.mutable_data_ptr<acc_t>() : nullptr;
+    a.row_kl = rows;
     a.chunk_kl = chunk_kl.defined() ? chunk_kl.mutable_data_ptr<acc_t>() : nullptr;
     a.clamp = make_clamp(clamp_lo, clamp_hi);
     a.seed = seed_value;
@@ -281,7 +285,6 @@ std::tuple<at::Tensor, at::Tensor> reparam_kl_fwd_cpu(const at::Tensor& mu_in,
       }
     });
     if (!reduced) return;
-    acc_t* rows = a.row_kl;
     if (a.chunk_kl != nullptr) {
       at::parallel_for(0, shape.B, 64, [&](int64_t begin, int64_t end) {
         for (int64_t b = begin; b < end; ++b) {
@@ -292,14 +295,11 @@ std::tuple<at::Tensor, at::Tensor> reparam_kl_fwd_cpu(const at::Tensor& mu_in,
         }
       });
     }
-    if (kl_mode == kKlPerSample) {
-      kl.copy_(row_kl);
-      return;
-    }
+    if (kl_mode == kKlPerSample) return;
     double total = 0.0;  // fixed-order double accumulation of B partial sums
     for (int64_t b = 0; b < shape.B; ++b) total += static_cast<double>(rows[b]);
     if (kl_mode == kKlBatchMean) total /= static_cast<double>(shape.B);
-    kl.fill_(total);
+    *kl.mutable_data_ptr<acc_t>() = static_cast<acc_t>(total);
   });
   return {z, kl};
 }

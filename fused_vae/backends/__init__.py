@@ -168,7 +168,10 @@ def resolve(requested: str | None, device: torch.device) -> Backend:
     Raises:
         ValueError: an unknown name, or a backend that cannot run here (with the reason).
     """
-    return BACKENDS[_resolve_name(requested, device.type)]
+    if torch.compiler.is_compiling():  # the choice is a constant of the traced graph
+        return BACKENDS[_resolve_name(requested, device.type)]
+    name = _chosen.get((requested, device.type, os.environ.get(ENV_VAR, "")))
+    return BACKENDS[name if name is not None else _resolve_name(requested, device.type)]
 
 
 def backend_for(device: torch.device | str, backend: str | None = None) -> str:
