@@ -20,7 +20,9 @@ import torch
 import fused_vae as fv
 import fused_vae.integrations.diffusers as fvd
 
-EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "finetune_autoencoderkl.py"
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLE = ROOT / "examples" / "finetune_autoencoderkl.py"
+BENCHMARK = ROOT / "benchmarks" / "bench_diffusers.py"
 
 TOL = {
     torch.float64: dict(rtol=1e-10, atol=1e-10),
@@ -326,11 +328,15 @@ def test_patched_posterior_pickles_and_copies(vae_module):
             torch.testing.assert_close(clone.kl(), posterior.kl())
 
 
+def load_script(path):
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def load_example():
-    spec = importlib.util.spec_from_file_location("finetune_autoencoderkl", EXAMPLE)
-    example = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(example)
-    return example
+    return load_script(EXAMPLE)
 
 
 def tiny_autoencoder_kl():
@@ -388,6 +394,18 @@ def test_finetune_example_lowers_the_loss(vae_module):
     assert len(losses) == 12 and all(torch.isfinite(torch.tensor(losses)))
     assert sum(losses[-3:]) < sum(losses[:3])
     assert not fvd.is_patched()  # the example leaves diffusers as it found it
+
+
+def test_fused_posterior_keeps_nothing_alive_beyond_its_inputs(vae_module):
+    """Autograd's saved tensors and the posterior's attributes, as the benchmark counts
+    them: diffusers keeps logvar, std, var and eps; the fused posterior only its seed."""
+    bench = load_script(BENCHMARK)
+    params = make_parameters((2, 8, 4, 4), torch.float32)
+    latent_bytes = params.numel() // 2 * params.element_size()
+    held_diffusers = bench.held_bytes(vae_module.DiagonalGaussianDistribution, params, generator(0))
+    held_fused = bench.held_bytes(fvd.DiagonalGaussianDistribution, params, generator(0))
+    assert held_diffusers == 4 * latent_bytes
+    assert held_fused <= 8  # the int64 seed
 
 
 def test_importing_fused_vae_does_not_import_diffusers():
