@@ -1,0 +1,79 @@
+"""What a newcomer sees of the C++ extension: build messages, failure causes, the fallback warning."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+import fused_vae as fv
+from fused_vae.backends import build
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_python(code: str, **env) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, "PYTHONPATH": str(ROOT), **env}
+    full_env.pop("FUSED_VAE_BACKEND", None)
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, env=full_env, timeout=600
+    )
+
+
+def test_failure_cause_keeps_the_reason_not_the_command_line():
+    log = (
+        "Error building extension 'fused_vae_ext_cpu': [1/3] c++ -MMD -MF ops.o.d -DTORCH_EXTENSION_NAME="
+        + "x" * 500
+        + "\n/bin/sh: 1: c++: not found\nninja: build stopped: subcommand failed.\n"
+    )
+    cause = build.failure_cause(RuntimeError(log))
+    assert "c++: not found" in cause
+    assert "-DTORCH_EXTENSION_NAME" not in cause
+    assert len(cause) < 400
+
+
+def test_warm_cache_prints_no_build_message():
+    if not fv.available_backends()["cpu"].available:
+        pytest.skip("the C++ extension is not available here")
+    proc = run_python("import fused_vae as fv; print(fv.available_backends()['cpu'].available)")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "True"
+    assert "building the C++ extension" not in proc.stderr
+
+
+def test_failed_build_reports_the_compiler_error(tmp_path):
+    """A build with a missing compiler says so, and how to see the whole log."""
+    proc = run_python(
+        """
+        import fused_vae as fv
+        print(fv.available_backends()["cpu"].reason)
+        """,
+        TORCH_EXTENSIONS_DIR=str(tmp_path),
+        CXX=str(tmp_path / "no-such-compiler"),
+    )
+    assert proc.returncode == 0, proc.stderr
+    reason = proc.stdout.strip()
+    assert "could not be built or loaded" in reason
+    assert "FUSED_VAE_VERBOSE_BUILD=1" in reason
+    assert "no-such-compiler" in reason or "not found" in reason.lower() or "No such file" in reason, reason
+    assert len(reason) < 800
+
+
+def test_fallback_warning_points_at_the_callers_line():
+    proc = run_python(
+        """
+        import warnings, torch, fused_vae as fv
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            fv.reparameterize_kl(torch.randn(4, 3), torch.randn(4, 3), seed=1)  # line 5 (the code starts with a newline)
+        [msg] = [x for x in w if issubclass(x.category, RuntimeWarning)]
+        print(msg.filename, msg.lineno)
+        """,
+        FUSED_VAE_DISABLE_EXTENSION="1",
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["<string>", "5"]
