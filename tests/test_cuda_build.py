@@ -112,6 +112,14 @@ def test_sources_present():
     assert not TORCH_INCLUDE.search((CUDA_DIR / "reparam_kl_launch.h").read_text())
 
 
+def test_emulated_build_compiles_these_sources():
+    # tests/test_cuda_emulated.py runs these files (as host C++), not copies of them.
+    emulate = CSRC / "emulate"
+    assert '#include "../cuda/kernels_instantiate.cu"' in (emulate / "emulated_kernels.cpp").read_text()
+    assert '#include "../cuda/reparam_kl_cuda.cu"' in (emulate / "emulated_ops.cpp").read_text()
+    assert not list(emulate.glob("*.cu*")), "the emulated build must not hold kernel code of its own"
+
+
 def test_one_cuda_registration():
     impls = [s.name for s in SOURCES if re.search(r"TORCH_LIBRARY_IMPL\s*\(\s*fused_vae\s*,\s*CUDA", s.read_text())]
     assert impls == ["reparam_kl_cuda.cu"], impls

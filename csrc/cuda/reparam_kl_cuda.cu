@@ -10,17 +10,27 @@
 //
 // Only c10/cuda headers are used (not ATen/cuda/CUDAContext.h, which needs the cuBLAS /
 // cuSPARSE / cuSOLVER headers).
+//
+// With FUSED_VAE_CUDA_EMULATE (tests only, csrc/emulate/) this file compiles as host C++
+// and registers the same functions as fused_vae::cuda_emu_reparam_kl_fwd / _bwd for CPU
+// tensors, which stand for device memory; the device-specific pieces are the few lines
+// in the #if below.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#include <cuda_runtime_api.h>
 #include <torch/library.h>
 
 #include <array>
 #include <atomic>
 #include <limits>
+
+#if defined(FUSED_VAE_CUDA_EMULATE)
+#include "cuda_emulation.h"
+#else
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime_api.h>
+#endif
 
 #include "fused_vae/elementwise.h"
 #include "fused_vae/op_common.h"
@@ -28,6 +38,28 @@
 
 namespace fused_vae {
 namespace {
+
+#if defined(FUSED_VAE_CUDA_EMULATE)
+#define FV_CUDA_CHECK(expr) ::fused_vae::emu::throw_on_error(expr)
+constexpr const char* kKernelDevice = "CPU tensors (emulated CUDA device)";
+struct DeviceGuard {
+  explicit DeviceGuard(c10::Device) {}
+};
+bool on_kernel_device(const at::Tensor& t) { return t.is_cpu(); }
+cudaStream_t current_stream(int) { return nullptr; }
+// Memory from the caching allocator holds old data on a GPU: the emulator fills outputs
+// and scratch with NaN so that an element the kernels never write fails the tests.
+void poison(at::Tensor& t) {
+  if (t.defined() && t.numel() > 0) t.fill_(std::numeric_limits<double>::quiet_NaN());
+}
+#else
+#define FV_CUDA_CHECK(expr) C10_CUDA_CHECK(expr)
+constexpr const char* kKernelDevice = "CUDA tensors";
+using DeviceGuard = c10::cuda::CUDAGuard;
+bool on_kernel_device(const at::Tensor& t) { return t.is_cuda(); }
+cudaStream_t current_stream(int device) { return c10::cuda::getCurrentCUDAStream(device).stream(); }
+void poison(at::Tensor&) {}
+#endif
 
 // torch's storage types -> the CUDA types the kernels are instantiated for.
 template <typename T>
@@ -52,13 +84,13 @@ int sm_count(int device) {
     if (cached > 0) return cached;
   }
   int n = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device));
+  FV_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device));
   if (device >= 0 && device < static_cast<int>(cache.size())) cache[device].store(n, std::memory_order_relaxed);
   return n;
 }
 
-// The seed as the kernels take it: a device pointer (the usual case, no host sync), or
-// the value of a CPU tensor.
+// The seed as the kernels take it: a pointer to it on mu's device (the usual case, no
+// host sync), or the value of a CPU tensor.
 struct SeedArg {
   const int64_t* ptr = nullptr;
   uint64_t value = 0;
@@ -66,14 +98,22 @@ struct SeedArg {
 
 SeedArg seed_arg(const at::Tensor& seed, const at::Tensor& mu) {
   SeedArg s;
-  if (seed.device().is_cpu()) {
-    s.value = static_cast<uint64_t>(seed.item<int64_t>());
+  if (seed.device() == mu.device()) {
+    s.ptr = seed.const_data_ptr<int64_t>();  // one element; any strides
     return s;
   }
-  TORCH_CHECK_VALUE(seed.device() == mu.device(), "fused_vae: seed is on ", seed.device(), " but mu is on ",
+  TORCH_CHECK_VALUE(seed.device().is_cpu(), "fused_vae: seed is on ", seed.device(), " but mu is on ",
                     mu.device(), "; the seed must be on mu's device or the CPU");
-  s.ptr = seed.const_data_ptr<int64_t>();  // one element; any strides
+  s.value = static_cast<uint64_t>(seed.item<int64_t>());
   return s;
+}
+
+cuda::LaunchTarget launch_target(const at::Tensor& mu) {
+  cuda::LaunchTarget target;
+  target.device = mu.get_device();
+  target.num_sms = sm_count(target.device);
+  target.stream = current_stream(target.device);
+  return target;
 }
 
 // A tensor that holds one value for every element (an expanded scalar, as autograd
@@ -91,8 +131,9 @@ std::tuple<at::Tensor, at::Tensor> reparam_kl_fwd_cuda(const at::Tensor& mu_in, 
                                                        int64_t kl_mode, c10::optional<double> clamp_lo,
                                                        c10::optional<double> clamp_hi) {
   check_common(mu_in, logvar_in, seed, num_samples, kl_mode);
-  TORCH_CHECK_VALUE(mu_in.is_cuda(), "fused_vae: the CUDA kernels need CUDA tensors, got ", mu_in.device());
-  const c10::cuda::CUDAGuard guard(mu_in.device());
+  TORCH_CHECK_VALUE(on_kernel_device(mu_in), "fused_vae: the CUDA kernels need ", kKernelDevice, ", got ",
+                    mu_in.device());
+  const DeviceGuard guard(mu_in.device());
   const at::Tensor mu = mu_in.contiguous();
   const at::Tensor logvar = logvar_in.contiguous();
   const RowShape shape = row_shape(mu);
@@ -107,9 +148,10 @@ std::tuple<at::Tensor, at::Tensor> reparam_kl_fwd_cuda(const at::Tensor& mu_in, 
     }
     return {z, kl};
   }
+  poison(z);
+  poison(kl);
   const SeedArg sa = num_samples > 0 ? seed_arg(seed, mu) : SeedArg{};
-  const int device = mu.get_device();
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device).stream();
+  const cuda::LaunchTarget target = launch_target(mu);
   const at::ScalarType acc_type = reduced_kl_dtype(mu.scalar_type());
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, mu.scalar_type(), "reparam_kl_fwd_cuda", [&] {
@@ -117,6 +159,7 @@ std::tuple<at::Tensor, at::Tensor> reparam_kl_fwd_cuda(const at::Tensor& mu_in, 
     using acc_t = cuda::acc_type_t<T>;
     const int64_t ws_elems = cuda::fwd_workspace_elems<T>(shape.N, kl_mode);
     at::Tensor workspace = ws_elems > 0 ? at::empty({ws_elems}, mu.options().dtype(acc_type)) : at::Tensor();
+    poison(workspace);
     cuda::FwdParams<T> p;
     p.mu = reinterpret_cast<const T*>(mu.const_data_ptr<scalar_t>());
     p.lv = reinterpret_cast<const T*>(logvar.const_data_ptr<scalar_t>());
@@ -132,7 +175,7 @@ std::tuple<at::Tensor, at::Tensor> reparam_kl_fwd_cuda(const at::Tensor& mu_in, 
     p.num_samples = num_samples;
     p.kl_mode = kl_mode;
     p.clamp = make_clamp(clamp_lo, clamp_hi);
-    C10_CUDA_CHECK(cuda::launch_reparam_kl_fwd<T>(p, sm_count(device), stream));
+    FV_CUDA_CHECK(cuda::launch_reparam_kl_fwd<T>(p, target));
   });
   return {z, kl};
 }
@@ -145,8 +188,9 @@ std::tuple<at::Tensor, at::Tensor> reparam_kl_bwd_cuda(const c10::optional<at::T
                                                        c10::optional<double> clamp_hi) {
   check_common(mu_in, logvar_in, seed, num_samples, kl_mode);
   check_grads(grad_z_in, grad_kl_in, mu_in, num_samples, kl_mode);
-  TORCH_CHECK_VALUE(mu_in.is_cuda(), "fused_vae: the CUDA kernels need CUDA tensors, got ", mu_in.device());
-  const c10::cuda::CUDAGuard guard(mu_in.device());
+  TORCH_CHECK_VALUE(on_kernel_device(mu_in), "fused_vae: the CUDA kernels need ", kKernelDevice, ", got ",
+                    mu_in.device());
+  const DeviceGuard guard(mu_in.device());
   const at::Tensor mu = mu_in.contiguous();
   const at::Tensor logvar = logvar_in.contiguous();
   const bool has_gz = grad_z_in.has_value() && grad_z_in->defined();
@@ -162,8 +206,9 @@ std::tuple<at::Tensor, at::Tensor> reparam_kl_bwd_cuda(const c10::optional<at::T
   const at::Tensor grad_z = has_gz ? (gz_bcast ? *grad_z_in : grad_z_in->contiguous()) : at::Tensor();
   const at::Tensor grad_kl = has_gkl ? (gkl_bcast ? *grad_kl_in : grad_kl_in->contiguous()) : at::Tensor();
   const SeedArg sa = has_gz ? seed_arg(seed, mu) : SeedArg{};
-  const int device = mu.get_device();
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device).stream();
+  const cuda::LaunchTarget target = launch_target(mu);
+  poison(grad_mu);
+  poison(grad_lv);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, mu.scalar_type(), "reparam_kl_bwd_cuda", [&] {
     using T = typename CudaType<scalar_t>::type;
@@ -189,16 +234,24 @@ std::tuple<at::Tensor, at::Tensor> reparam_kl_bwd_cuda(const c10::optional<at::T
     p.num_samples = num_samples;
     p.kl_mode = kl_mode;
     p.clamp = make_clamp(clamp_lo, clamp_hi);
-    C10_CUDA_CHECK(cuda::launch_reparam_kl_bwd<T>(p, sm_count(device), stream));
+    FV_CUDA_CHECK(cuda::launch_reparam_kl_bwd<T>(p, target));
   });
   return {grad_mu, grad_lv};
 }
 
 }  // namespace
 
+#if defined(FUSED_VAE_CUDA_EMULATE)
+// Schemas: csrc/emulate/emulated_ops.cpp.
+TORCH_LIBRARY_IMPL(fused_vae, CPU, m) {
+  m.impl("cuda_emu_reparam_kl_fwd", &reparam_kl_fwd_cuda);
+  m.impl("cuda_emu_reparam_kl_bwd", &reparam_kl_bwd_cuda);
+}
+#else
 TORCH_LIBRARY_IMPL(fused_vae, CUDA, m) {
   m.impl("reparam_kl_fwd", &reparam_kl_fwd_cuda);
   m.impl("reparam_kl_bwd", &reparam_kl_bwd_cuda);
 }
+#endif
 
 }  // namespace fused_vae

@@ -30,18 +30,39 @@
 // per_sample when D divides TILE: no row is cut). With many samples and few tiles the
 // forward also splits the samples over blocks (the backward sums over samples per
 // element, so its parallelism is the number of tiles).
+//
+// Emulation (FUSED_VAE_CUDA_EMULATE, tests only): the same source compiles as host C++
+// against csrc/emulate/cuda_emulation.h, which runs each block's threads concurrently.
+// Three hooks below make that possible and are plain CUDA otherwise: FV_SHARED (shared
+// arrays, per block in the emulator), FV_LAUNCH (the <<<>>> launch) and
+// FV_ASSERT_ALIGNED16 (checks 16-byte vector accesses in the emulator).
 #pragma once
 
+#if defined(FUSED_VAE_CUDA_EMULATE)
+#include "cuda_emulation.h"
+#else
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
+#endif
 
+#include <atomic>
 #include <cstdint>
 
 #include "fused_vae/elementwise.h"
 #include "fused_vae/fast_math.h"
 #include "fused_vae/philox.h"
 #include "reparam_kl_launch.h"
+
+#ifndef FV_SHARED
+#define FV_SHARED(type, name, count) __shared__ type name[count]
+#endif
+#ifndef FV_LAUNCH
+#define FV_LAUNCH(kernel, grid, block, stream, ...) kernel<<<(grid), (block), 0, (stream)>>>(__VA_ARGS__)
+#endif
+#ifndef FV_ASSERT_ALIGNED16
+#define FV_ASSERT_ALIGNED16(ptr) ((void)0)
+#endif
 
 namespace fused_vae {
 namespace cuda {
@@ -83,17 +104,28 @@ struct alignas(16) Pack {
   T v[V];
 };
 
-// out[k] = p[k] for k < cnt, 0 beyond (p points at the chunk's first element).
+// The chunk's raw values: p[k] for k < cnt, zero bits beyond (p points at the chunk's
+// first element). Loads are kept apart from the conversion (unpack) so that a thread
+// issues all its loads before the first use: a 16-bit value converted right after its
+// load makes the next load wait for the first.
 template <typename T, int V, bool kVec>
-__device__ __forceinline__ void load_chunk(const T* __restrict__ p, int cnt, acc_type_t<T> (&out)[V]) {
+__device__ __forceinline__ Pack<T, V> load_raw(const T* __restrict__ p, int cnt) {
   if (kVec && cnt == V) {
-    const Pack<T, V> pk = *reinterpret_cast<const Pack<T, V>*>(p);
-#pragma unroll
-    for (int k = 0; k < V; ++k) out[k] = Conv<T>::to_acc(pk.v[k]);
-  } else {
-#pragma unroll
-    for (int k = 0; k < V; ++k) out[k] = k < cnt ? Conv<T>::to_acc(p[k]) : acc_type_t<T>(0);
+    FV_ASSERT_ALIGNED16(p);
+    return *reinterpret_cast<const Pack<T, V>*>(p);
   }
+  Pack<T, V> pk{};
+#pragma unroll
+  for (int k = 0; k < V; ++k) {
+    if (k < cnt) pk.v[k] = p[k];
+  }
+  return pk;
+}
+
+template <typename T, int V>
+__device__ __forceinline__ void unpack(const Pack<T, V>& pk, acc_type_t<T> (&out)[V]) {
+#pragma unroll
+  for (int k = 0; k < V; ++k) out[k] = Conv<T>::to_acc(pk.v[k]);
 }
 
 template <typename T, int V>
@@ -109,6 +141,7 @@ __device__ __forceinline__ void store_chunk(T* __restrict__ p, int cnt, const ac
     Pack<T, V> pk;
 #pragma unroll
     for (int k = 0; k < V; ++k) pk.v[k] = Conv<T>::from_acc(in[k]);
+    FV_ASSERT_ALIGNED16(p);
     *reinterpret_cast<Pack<T, V>*>(p) = pk;
   } else {
 #pragma unroll
@@ -246,6 +279,22 @@ __device__ __forceinline__ void finalize_block(A* kl_out, const A* ws, int64_t t
   }
 }
 
+// a / b for 0 <= a, 0 < b; a 32-bit division when the problem's indices fit (N < 2**32).
+__device__ __forceinline__ int64_t index_div(int64_t a, int64_t b, bool small_index) {
+  return small_index ? static_cast<int64_t>(static_cast<uint32_t>(a) / static_cast<uint32_t>(b)) : a / b;
+}
+
+// Next (chunk, tile) of a grid-stride loop over work items w = c * tiles + t.
+__device__ __forceinline__ void next_work_item(int64_t& c, int64_t& t, int64_t step_c, int64_t step_t,
+                                               int64_t tiles) {
+  c += step_c;
+  t += step_t;
+  if (t >= tiles) {
+    t -= tiles;
+    ++c;
+  }
+}
+
 // ---- kernels --------------------------------------------------------------------------
 
 template <typename T, bool kVec>
@@ -255,20 +304,39 @@ __global__ void __launch_bounds__(kThreads)
   using acc_t = acc_type_t<T>;
   constexpr int V = TileShape<T>::kVec;
   constexpr int64_t TILE = TileShape<T>::kElems;
-  __shared__ acc_t stage[TILE];
-  __shared__ acc_t red[kWarps];
-  __shared__ double red_d[kWarps];
+  FV_SHARED(acc_t, stage, TILE);
+  FV_SHARED(acc_t, red, kWarps);
+  FV_SHARED(double, red_d, kWarps);
 
   const uint64_t seed = p.z != nullptr ? load_seed(p.seed_ptr, p.seed_value) : 0;
   const int tid = threadIdx.x;
   const int64_t N = p.N;
+  const int64_t D = p.D;
   const int64_t mode = p.kl_mode;
+  const bool small_index = N <= 0xffffffffLL;
+  // per_sample: rows are summed by groups of W lanes (W = min(32, pow2 >= D)); lane li of
+  // group g of its warp. Depends on D only, so it is computed once, not per tile.
+  int W = 32;
+  if (D < 32) {
+    W = 1;
+    while (W < D) W <<= 1;
+  }
+  const int per_warp = 32 / W;
+  const int warp = tid >> 5;
+  const int lane = tid & 31;
+  const int g = lane / W;
+  const int li = lane % W;
 
   // Work item w: tile t = w % tiles, samples [c * chunk_samples, ...) of chunk c = w / tiles
   // (several chunks only when many samples meet few tiles). Chunk 0 also does the KL.
-  for (int64_t w = blockIdx.x; w < tiles * chunks; w += gridDim.x) {
-    const int64_t c = w / tiles;
-    const int64_t t = w - c * tiles;
+  // (c, t) advance by the grid size without a division per item.
+  const int64_t work = tiles * chunks;
+  const int64_t step = gridDim.x;
+  const int64_t step_c = step / tiles;
+  const int64_t step_t = step - step_c * tiles;
+  int64_t c = static_cast<int64_t>(blockIdx.x) / tiles;
+  int64_t t = static_cast<int64_t>(blockIdx.x) - c * tiles;
+  for (int64_t w = blockIdx.x; w < work; w += step, next_work_item(c, t, step_c, step_t, tiles)) {
     const int64_t s_begin = c * chunk_samples;
     const int64_t s_end = s_begin + chunk_samples < p.num_samples ? s_begin + chunk_samples : p.num_samples;
     const int64_t t0 = t * TILE;
@@ -277,8 +345,10 @@ __global__ void __launch_bounds__(kThreads)
     const int cnt = rem <= 0 ? 0 : (rem >= V ? V : static_cast<int>(rem));
 
     acc_t m[V], l[V], sd[V];
-    load_chunk<T, V, kVec>(p.mu + j, cnt, m);
-    load_chunk<T, V, kVec>(p.lv + j, cnt, l);
+    const Pack<T, V> mu_raw = load_raw<T, V, kVec>(p.mu + j, cnt);
+    const Pack<T, V> lv_raw = load_raw<T, V, kVec>(p.lv + j, cnt);
+    unpack<T, V>(mu_raw, m);
+    unpack<T, V>(lv_raw, l);
 #pragma unroll
     for (int k = 0; k < V; ++k) {
       l[k] = p.clamp.apply(l[k]);
@@ -324,21 +394,10 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
     for (int k = 0; k < V; ++k) stage[tid * V + k] = kl[k];
     __syncthreads();
-    const int64_t D = p.D;
     const int64_t len = N - t0 < TILE ? N - t0 : TILE;
-    const int64_t r_first = t0 / D;
-    const int64_t r_last = (t0 + len - 1) / D;
+    const int64_t r_first = index_div(t0, D, small_index);
+    const int64_t r_last = index_div(t0 + len - 1, D, small_index);
     const int64_t nr = r_last - r_first + 1;
-    int W = 32;
-    if (D < 32) {
-      W = 1;
-      while (W < D) W <<= 1;
-    }
-    const int per_warp = 32 / W;
-    const int warp = tid >> 5;
-    const int lane = tid & 31;
-    const int g = lane / W;
-    const int li = lane % W;
     for (int64_t base = static_cast<int64_t>(warp) * per_warp; base < nr; base += kWarps * per_warp) {
       const int64_t lr = base + g;
       const int64_t r = r_first + lr;
@@ -386,7 +445,7 @@ __global__ void __launch_bounds__(kThreads)
 template <typename A>
 __global__ void __launch_bounds__(kThreads)
     finalize_total_kernel(A* __restrict__ kl_out, const A* __restrict__ ws, int64_t tiles, int64_t B, bool mean) {
-  __shared__ double red[kWarps];
+  FV_SHARED(double, red, kWarps);
   finalize_total<A>(kl_out, ws, tiles, B, mean, red);
 }
 
@@ -428,9 +487,21 @@ __global__ void __launch_bounds__(kThreads) reparam_kl_bwd_kernel(const BwdParam
     if (rem <= 0) continue;  // no barrier in this kernel
     const int cnt = rem >= V ? V : static_cast<int>(rem);
 
+    // Every load of the tile is issued before the first conversion: mu, logvar, the
+    // first sample's grad_z and an elementwise grad_kl (later samples' grad_z are loaded
+    // one sample ahead, before the noise of the current one).
+    const bool gz_stream = has_gz && !p.grad_z_bcast;
+    const bool gkl_stream = !gkl_is_scalar && mode == kKlElementwise;
+    const Pack<T, V> mu_raw = load_raw<T, V, kVec>(p.mu + j, cnt);
+    const Pack<T, V> lv_raw = load_raw<T, V, kVec>(p.lv + j, cnt);
+    Pack<T, V> gz_raw{};
+    if (gz_stream) gz_raw = load_raw<T, V, kVec>(p.grad_z + j, cnt);
+    Pack<T, V> gkl_raw{};
+    if (gkl_stream) gkl_raw = load_raw<T, V, kVec>(p.grad_kl_elem + j, cnt);
+
     acc_t m[V], raw[V];
-    load_chunk<T, V, kVec>(p.mu + j, cnt, m);
-    load_chunk<T, V, kVec>(p.lv + j, cnt, raw);
+    unpack<T, V>(mu_raw, m);
+    unpack<T, V>(lv_raw, raw);
 
     acc_t gz_sum[V], gz_eps[V];
 #pragma unroll
@@ -441,11 +512,14 @@ __global__ void __launch_bounds__(kThreads) reparam_kl_bwd_kernel(const BwdParam
     if (has_gz) {
       for (int64_t s = 0; s < p.num_samples; ++s) {
         const int64_t base = s * N + j;
+        Pack<T, V> gz_next{};
+        if (gz_stream && s + 1 < p.num_samples) gz_next = load_raw<T, V, kVec>(p.grad_z + base + N, cnt);
         acc_t g[V];
         if (p.grad_z_bcast) {
           fill_chunk<T, V>(p.grad_z, g);
         } else {
-          load_chunk<T, V, kVec>(p.grad_z + base, cnt, g);
+          unpack<T, V>(gz_raw, g);
+          gz_raw = gz_next;
         }
         float eps[V];
         if (kVec) {
@@ -466,9 +540,9 @@ __global__ void __launch_bounds__(kThreads) reparam_kl_bwd_kernel(const BwdParam
 #pragma unroll
       for (int k = 0; k < V; ++k) gkl[k] = gkl_scalar;
     } else if (mode == kKlElementwise) {
-      load_chunk<T, V, kVec>(p.grad_kl_elem + j, cnt, gkl);
+      unpack<T, V>(gkl_raw, gkl);
     } else {  // per_sample: grad_kl[row of each element]
-      int64_t r = small_index ? static_cast<int64_t>(static_cast<uint32_t>(j) / static_cast<uint32_t>(D)) : j / D;
+      int64_t r = index_div(j, D, small_index);
       int64_t next = (r + 1) * D;
 #pragma unroll
       for (int k = 0; k < V; ++k) {
@@ -502,37 +576,52 @@ __global__ void __launch_bounds__(kThreads) reparam_kl_bwd_kernel(const BwdParam
 
 inline bool aligned16(const void* q) { return (reinterpret_cast<uintptr_t>(q) & 15u) == 0; }
 
-template <typename K>
-int resident_blocks_per_sm(K kernel) {
-  int n = 0;
-  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, kThreads, 0) != cudaSuccess || n < 1) {
-    (void)cudaGetLastError();
-    n = 1;
+constexpr int kMaxCachedDevices = 64;
+
+// Resident blocks per SM of kKernel on `device`, queried once per (kernel, device) and
+// cached; a failed query is returned to the caller (and not cached), never swallowed.
+template <auto kKernel>
+cudaError_t resident_blocks_per_sm(int device, int* per_sm) {
+  static std::atomic<int> cache[kMaxCachedDevices];
+  const bool cacheable = device >= 0 && device < kMaxCachedDevices;
+  if (cacheable) {
+    const int cached = cache[device].load(std::memory_order_relaxed);
+    if (cached > 0) {
+      *per_sm = cached;
+      return cudaSuccess;
+    }
   }
-  return n;
+  int n = 0;
+  const cudaError_t err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kKernel, kThreads, 0);
+  if (err != cudaSuccess) return err;
+  if (n < 1) return cudaErrorLaunchOutOfResources;  // the block does not fit on an SM
+  if (cacheable) cache[device].store(n, std::memory_order_relaxed);
+  *per_sm = n;
+  return cudaSuccess;
 }
 
 // Blocks for a grid-stride loop over `work` items: enough to fill the GPU once.
-// per_sm is the kernel's occupancy, cached by the caller in a function-local static
-// (one per kernel instance; the first device's value is used for all devices).
 inline int64_t grid_for(int per_sm, int64_t work, int num_sms) {
   const int64_t full = static_cast<int64_t>(num_sms > 0 ? num_sms : 1) * per_sm;
   return work < full ? (work > 0 ? work : 1) : full;
 }
 
 template <typename T, bool kVec>
-cudaError_t launch_fwd_impl(const FwdParams<T>& p, int num_sms, cudaStream_t stream) {
+cudaError_t launch_fwd_impl(const FwdParams<T>& p, const LaunchTarget& target) {
   using acc_t = acc_type_t<T>;
   constexpr int64_t TILE = TileShape<T>::kElems;
+  const int num_sms = target.num_sms;
   const int64_t tiles = num_tiles<T>(p.N);
   const int64_t samples = p.num_samples > 1 ? p.num_samples : 1;
   const bool reduced = p.kl_mode >= kKlPerSample;
-  auto kernel = reparam_kl_fwd_kernel<T, kVec>;
+  constexpr auto kernel = reparam_kl_fwd_kernel<T, kVec>;
   int64_t grid = 1;
   int64_t chunks = 1;
   int64_t chunk_samples = samples;
   if (tiles * samples > kFuseTiles) {
-    static const int per_sm = resident_blocks_per_sm(kernel);
+    int per_sm = 0;
+    const cudaError_t occ = resident_blocks_per_sm<kernel>(target.device, &per_sm);
+    if (occ != cudaSuccess) return occ;
     const int64_t full = static_cast<int64_t>(num_sms > 0 ? num_sms : 1) * per_sm;
     if (tiles < full && samples > 1) {  // few tiles, many samples: split the samples too
       chunks = (full + tiles - 1) / tiles;
@@ -543,63 +632,69 @@ cudaError_t launch_fwd_impl(const FwdParams<T>& p, int num_sms, cudaStream_t str
     grid = grid_for(per_sm, tiles * chunks, num_sms);
   }
   const bool fuse_final = reduced && grid == 1;
-  kernel<<<static_cast<unsigned>(grid), kThreads, 0, stream>>>(p, tiles, chunks, chunk_samples, fuse_final);
+  FV_LAUNCH(kernel, static_cast<unsigned>(grid), kThreads, target.stream, p, tiles, chunks, chunk_samples,
+            fuse_final);
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess || !reduced || fuse_final) return err;
 
   if (p.kl_mode == kKlPerSample) {
     if (TILE % p.D == 0) return cudaSuccess;  // tile boundaries are row boundaries: no cut rows
+    int per_sm = 0;
     if (p.D > kRowWarpSpan * TILE) {
-      auto fk = finalize_rows_warp_kernel<acc_t, TILE>;
-      static const int per_sm = resident_blocks_per_sm(fk);
+      constexpr auto fk = finalize_rows_warp_kernel<acc_t, TILE>;
+      const cudaError_t occ = resident_blocks_per_sm<fk>(target.device, &per_sm);
+      if (occ != cudaSuccess) return occ;
       const int64_t blocks = grid_for(per_sm, (p.B + kWarps - 1) / kWarps, num_sms);
-      fk<<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(p.kl_out, p.workspace, p.B, p.D);
+      FV_LAUNCH(fk, static_cast<unsigned>(blocks), kThreads, target.stream, p.kl_out, p.workspace, p.B, p.D);
     } else {
-      auto fk = finalize_rows_boundary_kernel<acc_t, TILE>;
-      static const int per_sm = resident_blocks_per_sm(fk);
+      constexpr auto fk = finalize_rows_boundary_kernel<acc_t, TILE>;
+      const cudaError_t occ = resident_blocks_per_sm<fk>(target.device, &per_sm);
+      if (occ != cudaSuccess) return occ;
       const int64_t blocks = grid_for(per_sm, (tiles - 1 + kThreads - 1) / kThreads, num_sms);
-      fk<<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(p.kl_out, p.workspace, tiles, p.D);
+      FV_LAUNCH(fk, static_cast<unsigned>(blocks), kThreads, target.stream, p.kl_out, p.workspace, tiles, p.D);
     }
   } else {
-    finalize_total_kernel<acc_t><<<1, kThreads, 0, stream>>>(p.kl_out, p.workspace, tiles, p.B,
-                                                             p.kl_mode == kKlBatchMean);
+    FV_LAUNCH(finalize_total_kernel<acc_t>, 1u, kThreads, target.stream, p.kl_out, p.workspace, tiles, p.B,
+              p.kl_mode == kKlBatchMean);
   }
   return cudaGetLastError();
 }
 
 template <typename T, bool kVec>
-cudaError_t launch_bwd_impl(const BwdParams<T>& p, int num_sms, cudaStream_t stream) {
+cudaError_t launch_bwd_impl(const BwdParams<T>& p, const LaunchTarget& target) {
   const int64_t tiles = num_tiles<T>(p.N);
-  auto kernel = reparam_kl_bwd_kernel<T, kVec>;
-  static const int per_sm = resident_blocks_per_sm(kernel);
-  const int64_t grid = grid_for(per_sm, tiles, num_sms);
-  kernel<<<static_cast<unsigned>(grid), kThreads, 0, stream>>>(p, tiles);
+  constexpr auto kernel = reparam_kl_bwd_kernel<T, kVec>;
+  int per_sm = 0;
+  const cudaError_t occ = resident_blocks_per_sm<kernel>(target.device, &per_sm);
+  if (occ != cudaSuccess) return occ;
+  const int64_t grid = grid_for(per_sm, tiles, target.num_sms);
+  FV_LAUNCH(kernel, static_cast<unsigned>(grid), kThreads, target.stream, p, tiles);
   return cudaGetLastError();
 }
 
 }  // namespace detail
 
 template <typename T>
-cudaError_t launch_reparam_kl_fwd(const FwdParams<T>& p, int num_sms, cudaStream_t stream) {
+cudaError_t launch_reparam_kl_fwd(const FwdParams<T>& p, const LaunchTarget& target) {
   constexpr int V = TileShape<T>::kVec;
   const bool vec = detail::aligned16(p.mu) && detail::aligned16(p.lv) &&
                    (p.z == nullptr || detail::aligned16(p.z)) &&
                    (p.kl_elem == nullptr || detail::aligned16(p.kl_elem)) &&
                    (p.num_samples <= 1 || p.N % V == 0);
-  return vec ? detail::launch_fwd_impl<T, true>(p, num_sms, stream)
-             : detail::launch_fwd_impl<T, false>(p, num_sms, stream);
+  return vec ? detail::launch_fwd_impl<T, true>(p, target)
+             : detail::launch_fwd_impl<T, false>(p, target);
 }
 
 template <typename T>
-cudaError_t launch_reparam_kl_bwd(const BwdParams<T>& p, int num_sms, cudaStream_t stream) {
+cudaError_t launch_reparam_kl_bwd(const BwdParams<T>& p, const LaunchTarget& target) {
   constexpr int V = TileShape<T>::kVec;
   const bool vec = detail::aligned16(p.mu) && detail::aligned16(p.lv) && detail::aligned16(p.grad_mu) &&
                    detail::aligned16(p.grad_lv) &&
                    (p.grad_z == nullptr || p.grad_z_bcast || detail::aligned16(p.grad_z)) &&
                    (p.grad_kl_elem == nullptr || p.grad_kl_bcast || detail::aligned16(p.grad_kl_elem)) &&
                    (p.num_samples <= 1 || p.N % V == 0);
-  return vec ? detail::launch_bwd_impl<T, true>(p, num_sms, stream)
-             : detail::launch_bwd_impl<T, false>(p, num_sms, stream);
+  return vec ? detail::launch_bwd_impl<T, true>(p, target)
+             : detail::launch_bwd_impl<T, false>(p, target);
 }
 
 }  // namespace cuda

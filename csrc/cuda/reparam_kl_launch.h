@@ -11,9 +11,13 @@
 // the grid size: reduced KL is bitwise reproducible.
 #pragma once
 
+#if defined(FUSED_VAE_CUDA_EMULATE)
+#include "cuda_emulation.h"  // tests only: the kernels as host C++ (csrc/emulate/)
+#else
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime_api.h>
+#endif
 
 #include <cstdint>
 
@@ -94,15 +98,24 @@ inline int64_t fwd_workspace_elems(int64_t N, int64_t kl_mode) {
   return kl_mode >= kKlPerSample ? 2 * num_tiles<T>(N) : 0;
 }
 
-// Launch on `stream`; num_sms sizes the grid. Requires N > 0. Returns the launch error.
-template <typename T>
-cudaError_t launch_reparam_kl_fwd(const FwdParams<T>& p, int num_sms, cudaStream_t stream);
-template <typename T>
-cudaError_t launch_reparam_kl_bwd(const BwdParams<T>& p, int num_sms, cudaStream_t stream);
+// Where the kernels run: the device (its occupancy is queried once and cached), its
+// number of SMs (sizes the grid) and the stream.
+struct LaunchTarget {
+  int device = 0;
+  int num_sms = 1;
+  cudaStream_t stream = nullptr;
+};
 
-#define FV_CUDA_DECLARE(T)                                                                      \
-  extern template cudaError_t launch_reparam_kl_fwd<T>(const FwdParams<T>&, int, cudaStream_t); \
-  extern template cudaError_t launch_reparam_kl_bwd<T>(const BwdParams<T>&, int, cudaStream_t);
+// Launch on target.stream. Requires N > 0. Returns the first error of the occupancy
+// queries and launches (cudaSuccess when all kernels were launched).
+template <typename T>
+cudaError_t launch_reparam_kl_fwd(const FwdParams<T>& p, const LaunchTarget& target);
+template <typename T>
+cudaError_t launch_reparam_kl_bwd(const BwdParams<T>& p, const LaunchTarget& target);
+
+#define FV_CUDA_DECLARE(T)                                                                    \
+  extern template cudaError_t launch_reparam_kl_fwd<T>(const FwdParams<T>&, const LaunchTarget&); \
+  extern template cudaError_t launch_reparam_kl_bwd<T>(const BwdParams<T>&, const LaunchTarget&);
 FV_CUDA_DECLARE(float)
 FV_CUDA_DECLARE(double)
 FV_CUDA_DECLARE(__half)
