@@ -10,6 +10,11 @@ import torch
 # before triton compiles anything.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# The CUDA kernels also run on CPU tensors, compiled as host C++ against an emulated device
+# (fused_vae/backends/cuda_emulation.py): the contract suite runs them as ("cuda", "cpu").
+# Tests that do not take the `backend` fixture run without it (see the fixture below).
+os.environ.setdefault("FUSED_VAE_CUDA_EMULATE", "1")
+_EMULATE = os.environ["FUSED_VAE_CUDA_EMULATE"]
 
 import pytest  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402
@@ -52,12 +57,23 @@ def _backend_cases():
     cases = []
     for name, info in fv.available_backends().items():
         for device in info.devices:
-            marks = [pytest.mark.slow] if (name == "triton" and device == "cpu") else []
+            marks = [pytest.mark.slow] if (name in ("triton", "cuda") and device == "cpu") else []
             cases.append(pytest.param((name, device), id=f"{name}-{device}", marks=marks))
     return cases
 
 
 BACKEND_CASES = _backend_cases()
+
+
+@pytest.fixture(autouse=True)
+def _cuda_emulation_for_backend_cases_only(request, monkeypatch):
+    """The emulated CUDA device is a test device: only the contract suite (tests taking
+    `backend`) and tests/test_cuda_emulated.py see it; other tests see the package's
+    default (no ``cuda`` backend for CPU tensors)."""
+    if "backend" in request.fixturenames or request.node.path.name == "test_cuda_emulated.py":
+        monkeypatch.setenv("FUSED_VAE_CUDA_EMULATE", _EMULATE)
+    else:
+        monkeypatch.delenv("FUSED_VAE_CUDA_EMULATE", raising=False)
 
 
 @pytest.fixture(params=BACKEND_CASES)

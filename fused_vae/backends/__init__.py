@@ -14,7 +14,7 @@ from typing import NamedTuple
 
 import torch
 
-from . import build
+from . import build, cuda_emulation
 from .base import Backend
 from .extension import ExtensionBackend
 from .reference import ReferenceBackend
@@ -31,7 +31,7 @@ BACKENDS: dict[str, Backend] = {
 
 AUTO_ORDER = {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpu", "reference")}
 _warned_fallback: set[str] = set()
-_chosen: dict[tuple[str | None, str, str], str] = {}
+_chosen: dict[tuple, str] = {}
 
 
 class BackendInfo(NamedTuple):
@@ -100,12 +100,16 @@ def _check_name(name: object, source: str, default: str) -> str:
     return name
 
 
+def _choice_key(requested: str | None, device_type: str) -> tuple:
+    # The emulated CUDA device (tests) changes what "cuda" accepts for CPU tensors.
+    return (requested, device_type, os.environ.get(ENV_VAR, ""), os.environ.get(cuda_emulation.ENV_VAR, ""))
+
+
 def _resolve_name(requested: str | None, device_type: str) -> str:
-    env = os.environ.get(ENV_VAR, "")
-    key = (requested, device_type, env)
+    key = _choice_key(requested, device_type)
     name = _chosen.get(key)
     if name is None:
-        name = _choose(requested, device_type, env.strip())
+        name = _choose(requested, device_type, key[2].strip())
         _chosen[key] = name
     return name
 
@@ -171,7 +175,7 @@ def resolve(requested: str | None, device: torch.device) -> Backend:
     """
     if torch.compiler.is_compiling():  # the choice is a constant of the traced graph
         return BACKENDS[_resolve_name(requested, device.type)]
-    name = _chosen.get((requested, device.type, os.environ.get(ENV_VAR, "")))
+    name = _chosen.get(_choice_key(requested, device.type))
     return BACKENDS[name if name is not None else _resolve_name(requested, device.type)]
 
 
