@@ -109,8 +109,9 @@ class DiagonalGaussian:
         dt = torch.float64 if mu.dtype == torch.float64 else torch.float32
         mu, logvar, z = mu.to(dt), logvar.to(dt), z.to(dt)
         eps = (z - mu) * torch.exp(-0.5 * logvar)
-        lp = -0.5 * (eps.square() + logvar + _LOG_2PI)
-        return lp.flatten(start_dim=lp.dim() - self.event_dims).sum(-1) if self.event_dims else lp
+        # The logvar and constant terms do not depend on the sample: summed once, not per sample.
+        return -0.5 * (_sum_event(eps.square(), self.event_dims) + _sum_event(logvar, self.event_dims)
+                       + math.prod(mu.shape[1:]) * _LOG_2PI)
 
     def nll(self, x: torch.Tensor) -> torch.Tensor:
         """Negative log density ``-log N(x; mu, var)`` summed over the event dims, ``[*S, B]``."""
@@ -120,8 +121,12 @@ class DiagonalGaussian:
         return f"DiagonalGaussian(shape={tuple(self.mu.shape)}, dtype={self.mu.dtype}, device={self.mu.device})"
 
 
+def _sum_event(t: torch.Tensor, event_dims: int) -> torch.Tensor:
+    return t.flatten(start_dim=t.dim() - event_dims).sum(-1) if event_dims else t
+
+
 def standard_normal_log_prob(z: torch.Tensor, event_dims: int) -> torch.Tensor:
     """log N(z; 0, I) summed over the last ``event_dims`` dims of ``z``, in float32 (float64 kept)."""
     dt = torch.float64 if z.dtype == torch.float64 else torch.float32
-    lp = -0.5 * (z.to(dt) ** 2 + _LOG_2PI)
-    return lp.flatten(start_dim=lp.dim() - event_dims).sum(-1) if event_dims else lp
+    n = math.prod(z.shape[z.dim() - event_dims:])
+    return -0.5 * (_sum_event(z.to(dt).square(), event_dims) + n * _LOG_2PI)

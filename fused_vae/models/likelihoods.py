@@ -43,12 +43,10 @@ class BernoulliLikelihood(Likelihood):
     name = "bernoulli"
 
     def nll(self, params: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        # BCE with logits, softplus(l) - x * l, written out: two elementwise passes over the
-        # [*S, B, D] logits instead of the several temporaries of F.binary_cross_entropy_with_logits.
         event_dims = x.dim() - 1
-        logits = params.float().flatten(start_dim=params.dim() - event_dims)
-        target = x.float().flatten(start_dim=1)
-        return (F.softplus(logits) - logits * target).sum(-1)
+        logits = params.float().flatten(start_dim=params.dim() - event_dims)  # [*S, B, D]
+        target = x.float().flatten(start_dim=1).expand_as(logits)  # a view: no copy per sample
+        return F.binary_cross_entropy_with_logits(logits, target, reduction="none").sum(-1)
 
     def mean(self, params: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(params.float())

@@ -82,7 +82,6 @@ class _Run:
     backend_name: str
     autocast: object
     data_info: dict
-    eval_threads: int
     step: int = 0
     epoch: int = 0
     start_batch: int = 0
@@ -155,7 +154,7 @@ class Trainer:
         ctx = setup(self.cfg.device)
         threads = torch.get_num_threads()
         try:
-            run = self._setup(ctx, threads)
+            run = self._setup(ctx)
             if run.done and run.resumed and (self.run_dir / "summary.json").is_file():
                 summary = json.loads((self.run_dir / "summary.json").read_text())
                 return {**summary, "already_complete": True}
@@ -164,13 +163,13 @@ class Trainer:
                 while not run.done:
                     self._train_epoch(run)
                     self._evaluate_and_checkpoint(run)
+                return self._finish(run)
             except KeyboardInterrupt:
                 raise TrainingInterrupted(self._interrupted_message(run)) from None
             finally:
                 run.pbar.close()
                 if run.logger:
                     run.logger.close()
-            return self._finish(run)
         finally:
             torch.set_num_threads(threads)
             ctx.close()
@@ -199,7 +198,7 @@ class Trainer:
             return lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext
 
-    def _setup(self, ctx: DistContext, default_threads: int) -> _Run:
+    def _setup(self, ctx: DistContext) -> _Run:
         """Data, model, optimizer, schedule and the state restored from a checkpoint; writes nothing."""
         cfg = self.cfg
         device = ctx.device
@@ -243,7 +242,7 @@ class Trainer:
         run = _Run(ctx=ctx, data=data, spec=spec, model=model, ddp=ddp, optimizer=optimizer, scheduler=scheduler,
                    fused_adamw=fused, batches=batches, train_x=train_x, total_steps=total_steps,
                    backend_name=backend_name, autocast=self._amp_context(device), data_info=data_info,
-                   eval_threads=cfg.threads or default_threads, window=StatsWindow(device))
+                   window=StatsWindow(device))
         if ck is not None:
             model.load_state_dict(ck["model"])
             if ck.get("optimizer"):
@@ -372,21 +371,16 @@ class Trainer:
 
     # -- evaluation and checkpoints -------------------------------------------------------------
     def _evaluate_and_checkpoint(self, run: _Run) -> None:
-        """After an epoch (or the last step): the test evaluation every ``eval_every`` epochs and
-        at the end (the IWAE NLL only at the end), then ``last.pt`` (and ``best.pt``)."""
+        """After an epoch (or the last step): the test ELBO every ``eval_every`` epochs and at the
+        end, then ``last.pt`` (and ``best.pt``). The slow IWAE NLL comes after the final
+        checkpoint, in :meth:`_finish`."""
         cfg = self.cfg
         self._check_finite(run)
         at_boundary = run.start_batch == 0
         if run.done or (cfg.eval_every and at_boundary and run.epoch % cfg.eval_every == 0):
-            run.last_eval = self._evaluate(run, iwae_samples=cfg.iwae_samples if run.done else 0)
-            rec = {"kind": "eval", "step": run.step, "epoch": round(run.step / run.steps_per_epoch, 4),
-                   **run.last_eval}
-            if run.logger:
-                run.logger.log(rec)
-            if run.ctx.is_main and not run.show_bar:
-                print(_eval_line(rec), flush=True)
-            run.postfix["test_elbo"] = f"{run.last_eval['test_elbo']:.3f}"
-            run.pbar.set_postfix(run.postfix)
+            run.last_eval = self._evaluate(run, iwae_samples=0)
+            if not run.done:  # the final record, with the NLL, is logged by _finish
+                self._log_eval(run, run.last_eval)
             improved = run.last_eval["test_elbo"] > run.best
             run.best = max(run.best, run.last_eval["test_elbo"])
             metrics = {**run.last_eval, "best_test_elbo": run.best, "elapsed_s": run.elapsed()}
@@ -396,19 +390,19 @@ class Trainer:
         elif at_boundary and run.epoch % cfg.checkpoint_every == 0:
             self._checkpoint(run, "last.pt", {"best_test_elbo": run.best, "elapsed_s": run.elapsed()})
 
+    def _log_eval(self, run: _Run, metrics: dict) -> None:
+        rec = {"kind": "eval", "step": run.step, "epoch": round(run.step / run.steps_per_epoch, 4), **metrics}
+        if run.logger:
+            run.logger.log(rec)
+        if run.ctx.is_main and not run.show_bar:
+            print(_eval_line(rec), flush=True)
+        run.postfix["test_elbo"] = f"{metrics['test_elbo']:.3f}"
+        run.pbar.set_postfix(run.postfix)
+
     def _evaluate(self, run: _Run, *, iwae_samples: int) -> dict:
-        """Test metrics; the IWAE NLL runs with the thread count torch had before training
-        (its matrix products are large enough to gain from threads)."""
         cfg = self.cfg
-        train_threads = torch.get_num_threads()
-        if iwae_samples:
-            torch.set_num_threads(run.eval_threads)
-        try:
-            return evaluate(run.model, run.data.test, batch_size=cfg.eval_batch_size, seed=cfg.seed,
-                            iwae_samples=iwae_samples, iwae_chunk=cfg.iwae_chunk, ctx=run.ctx,
-                            progress=run.show_bar)
-        finally:
-            torch.set_num_threads(train_threads)
+        return evaluate(run.model, run.data.test, batch_size=cfg.eval_batch_size, seed=cfg.seed,
+                        iwae_samples=iwae_samples, iwae_chunk=cfg.iwae_chunk, ctx=run.ctx, progress=run.show_bar)
 
     def _checkpoint(self, run: _Run, name: str, metrics: dict) -> None:
         if not run.ctx.is_main:
@@ -432,10 +426,12 @@ class Trainer:
 
     # -- summary ------------------------------------------------------------------------------
     def _finish(self, run: _Run) -> dict:
-        """The summary (also ``summary.json``) and the image outputs."""
+        """The final test metrics with the IWAE NLL, the summary (also ``summary.json``) and the
+        image outputs."""
         cfg = self.cfg
-        if not run.last_eval:  # resumed a finished run whose summary is missing: evaluate once more
+        if cfg.iwae_samples or not run.last_eval:  # (a finished run resumed without its summary has none)
             run.last_eval = self._evaluate(run, iwae_samples=cfg.iwae_samples)
+        self._log_eval(run, run.last_eval)
         summary = {
             "run_dir": str(self.run_dir),
             "data": run.data.name,
