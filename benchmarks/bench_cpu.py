@@ -16,6 +16,10 @@ result file with the environment and raw numbers and prints its path last.
 
     python benchmarks/bench_cpu.py            # both sections (about 10 minutes on 2 cores)
     python benchmarks/bench_cpu.py --quick    # small sizes and 4096x1024 float32, short runs
+
+On a machine whose cores are busy with other work, use ``--threads 1``: with more torch
+threads than free cores, eager ops that split work across threads stall for whole
+scheduler time slices, which makes the eager baseline look many times slower than it is.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import fused_vae as fv  # noqa: E402
-from common import environment, result_path, time_calls, timing_method, us, write_result  # noqa: E402
+from common import environment, load_average, result_path, speedup, time_calls, timing_method, us, write_result  # noqa: E402
 from plain import reparameterize_kl_eager  # noqa: E402
 
 SMALL_SIZES = [(128, 32), (100, 50)]
@@ -145,56 +149,63 @@ def run_section(section, sizes, dtypes, threads, min_run_time):
                 moved = MIN_ELEMENTS_MOVED[case] * mu.numel() * mu.element_size()
                 for t in timings.values():
                     t["GB_per_s"] = moved / t["median_s"] / 1e9
-                fused = timings["fused"]["median_s"]
                 row = {"section": section, "dtype": dname, "shape": list(shape), "threads": threads, "case": case,
                        "impls": timings,
-                       "speedup_vs_eager": timings["eager"]["median_s"] / fused,
-                       "speedup_vs_compile": timings["compile"]["median_s"] / fused}
+                       "speedup_vs_eager": speedup(timings, "eager", "fused"),
+                       "speedup_vs_compile": speedup(timings, "compile", "fused")}
                 if "raw_op" in timings:
-                    row["fused_minus_raw_op_s"] = fused - timings["raw_op"]["median_s"]
+                    row["fused_minus_raw_op_s"] = {stat: timings["fused"][f"{stat}_s"] - timings["raw_op"][f"{stat}_s"]
+                                                   for stat in ("median", "p10")}
                 rows.append(row)
                 print(format_row(row), flush=True)
     return rows
 
 
 def format_row(row) -> str:
-    """One printed line: the median per call of each implementation and the ratios."""
+    """One printed line: the median per call of each implementation and the ratios
+    (by median, and by 10th percentile in brackets)."""
     shape = "x".join(map(str, row["shape"]))
     cells = "  ".join(f"{name} {us(t['median_s'])}" for name, t in row["impls"].items())
-    extra = f"  fused-raw {us(row['fused_minus_raw_op_s'])}" if "fused_minus_raw_op_s" in row else ""
+    extra = ""
+    if "fused_minus_raw_op_s" in row:
+        d = row["fused_minus_raw_op_s"]
+        extra = f"  fused-raw {us(d['median']).strip()} ({us(d['p10']).strip()})"
+    e, c = row["speedup_vs_eager"], row["speedup_vs_compile"]
     return (f"{row['dtype']:8s} {shape:>9s} t={row['threads']} {row['case']:17s} {cells}  "
-            f"x{row['speedup_vs_eager']:.2f} vs eager  x{row['speedup_vs_compile']:.2f} vs compile{extra}")
+            f"x{e['median']:.2f} (x{e['p10']:.2f}) vs eager  x{c['median']:.2f} (x{c['p10']:.2f}) vs compile{extra}")
 
 
 def evaluate_targets(rows) -> list[str]:
-    """The targets stated against the measured rows (PASS/MISS; nothing where data is missing)."""
+    """The targets stated against the measured rows (PASS/MISS; nothing where data is
+    missing). Judged by the 10th-percentile ratios (steady under load), medians shown too."""
     lines = []
 
     def find(section, dtype, shape, case):
         return [r for r in rows if r["section"] == section and r["dtype"] == dtype and r["shape"] == list(shape)
                 and r["case"] == case]
 
+    def med(r, impl):
+        return us(r["impls"][impl]["median_s"]).strip()
+
     for shape in SMALL_SIZES:
         for r in find("small", "float32", shape, "forward+backward"):
-            goal = TARGETS["small_fwd_bwd_vs_eager"]
-            ok = r["speedup_vs_eager"] >= goal
-            lines.append(f"[{'PASS' if ok else 'MISS'}] {list(shape)} float32 forward+backward, {r['threads']} thread(s): "
-                         f"x{r['speedup_vs_eager']:.2f} vs eager (target {goal:g}x); raw ops "
-                         f"{us(r['impls']['raw_op']['median_s']).strip()}, fused {us(r['impls']['fused']['median_s']).strip()}, "
-                         f"eager {us(r['impls']['eager']['median_s']).strip()}")
+            goal, got = TARGETS["small_fwd_bwd_vs_eager"], r["speedup_vs_eager"]
+            lines.append(f"[{'PASS' if got['p10'] >= goal else 'MISS'}] {list(shape)} float32 forward+backward, "
+                         f"{r['threads']} thread(s): x{got['p10']:.2f} vs eager by p10, x{got['median']:.2f} by median "
+                         f"(target {goal:g}x); medians: raw ops {med(r, 'raw_op')}, fused {med(r, 'fused')}, "
+                         f"eager {med(r, 'eager')}")
         for r in find("small", "float32", shape, "forward (no grad)"):
-            goal = TARGETS["small_fwd_no_grad_overhead_s"]
-            ok = r["fused_minus_raw_op_s"] <= goal
-            lines.append(f"[{'PASS' if ok else 'MISS'}] {list(shape)} float32 forward without grad, {r['threads']} thread(s): "
-                         f"fused {us(r['impls']['fused']['median_s']).strip()} - raw op "
-                         f"{us(r['impls']['raw_op']['median_s']).strip()} = {us(r['fused_minus_raw_op_s']).strip()} "
-                         f"(target <= {goal * 1e6:g} us)")
+            goal, got = TARGETS["small_fwd_no_grad_overhead_s"], r["fused_minus_raw_op_s"]
+            lines.append(f"[{'PASS' if got['p10'] <= goal else 'MISS'}] {list(shape)} float32 forward without grad, "
+                         f"{r['threads']} thread(s): fused - raw op = {us(got['p10']).strip()} by p10, "
+                         f"{us(got['median']).strip()} by median (target <= {goal * 1e6:g} us); medians: fused "
+                         f"{med(r, 'fused')}, raw op {med(r, 'raw_op')}")
     for r in find("large", "float32", (4096, 1024), "forward+backward"):
-        goal = TARGETS["large_fwd_bwd_vs_eager_and_compile"]
-        ok = min(r["speedup_vs_eager"], r["speedup_vs_compile"]) >= goal
+        goal, e, c = TARGETS["large_fwd_bwd_vs_eager_and_compile"], r["speedup_vs_eager"], r["speedup_vs_compile"]
+        ok = min(e["p10"], c["p10"]) >= goal
         lines.append(f"[{'PASS' if ok else 'MISS'}] 4096x1024 float32 forward+backward, {r['threads']} thread(s): "
-                     f"x{r['speedup_vs_eager']:.2f} vs eager, x{r['speedup_vs_compile']:.2f} vs torch.compile "
-                     f"(target {goal:g}x both)")
+                     f"x{e['p10']:.2f} vs eager, x{c['p10']:.2f} vs torch.compile by p10 (x{e['median']:.2f}, "
+                     f"x{c['median']:.2f} by median; target {goal:g}x both)")
     return lines
 
 
@@ -215,6 +226,7 @@ def main(argv=None) -> int:
         print("cpu backend unavailable:", info.reason, file=sys.stderr)
         return 1
     min_run_time = args.min_run_time or (0.3 if args.quick else 1.0)
+    env = environment()
     sections = [s for s in args.sections.split(",") if s]
     rows = []
     if "small" in sections:
@@ -227,7 +239,7 @@ def main(argv=None) -> int:
     print("\n".join(targets))
     payload = {
         "benchmark": "bench_cpu",
-        "environment": environment(),
+        "environment": {**env, "load_average_at_end": load_average()},
         "quick": args.quick,
         "method": timing_method(min_run_time) + "; backward replays autograd.grad on a retained graph",
         "implementations": {

@@ -70,20 +70,22 @@ def parse_args(argv=None):
     p.add_argument("--min-run-time", type=float, default=None, help="seconds of timing per implementation and case (default 1.0; 0.3 with --quick)")
     p.add_argument("--copy-mib", type=int, default=1024, help="size of each buffer of the copy-bandwidth measurement")
     p.add_argument("--quick", action="store_true", help="fewer sizes, compile mode 'default', short runs")
+    p.add_argument("--device", default="cuda", help="device to time on (default cuda; 'cpu' only checks that the script runs)")
     return p.parse_args(argv)
 
 
-def copy_bandwidth(mib: int, min_run_time: float) -> dict:
+def copy_bandwidth(mib: int, min_run_time: float, device: str) -> dict:
     """Device-to-device copy bandwidth (read + write bytes per second) of dst.copy_(src)."""
     import torch
 
     n = mib * (1 << 20) // 4
-    src = torch.empty(n, dtype=torch.float32, device="cuda").uniform_()
+    src = torch.empty(n, dtype=torch.float32, device=device).uniform_()
     dst = torch.empty_like(src)
     t = time_calls({"copy": lambda: dst.copy_(src)}, min_run_time=min_run_time)["copy"]
     gbps = 2 * n * 4 / t["median_s"] / 1e9
     del src, dst
-    torch.cuda.empty_cache()
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
     return {"bytes_per_copy": 2 * n * 4, "GBps": gbps, **t}
 
 
@@ -151,7 +153,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     import torch
 
-    if not torch.cuda.is_available():
+    dev = torch.device(args.device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
         print("bench_gpu.py needs a CUDA device; nothing was measured.", file=sys.stderr)
         return 2
     import fused_vae as fv
@@ -164,7 +167,7 @@ def main(argv=None) -> int:
     passes = [p for p in args.passes.split(",") if p]
     backends = [b for b in args.backends.split(",") if b]
     info = fv.available_backends()
-    availability = {b: {"available": info[b].available and "cuda" in info[b].devices, "reason": info[b].reason} for b in backends}
+    availability = {b: {"available": info[b].available and dev.type in info[b].devices, "reason": info[b].reason} for b in backends}
     meta = {
         "environment": environment(),
         "backends": availability,
@@ -174,7 +177,7 @@ def main(argv=None) -> int:
         "bytes_model": "fwd 3*N*elsize, bwd 5*N*elsize, fwdbwd 8*N*elsize",
     }
     print(meta)
-    copy = copy_bandwidth(args.copy_mib, min_run_time)
+    copy = copy_bandwidth(args.copy_mib, min_run_time, args.device)
     print(f"copy bandwidth: {copy['GBps']:.0f} GB/s")
     impls = make_impls(backends, args.compile_mode, availability)
     out = Path(args.out) if args.out else result_path("gpu-ops", quick=args.quick)
@@ -185,10 +188,10 @@ def main(argv=None) -> int:
             torch._dynamo.reset()
             n = math.prod(shape)
             esize = torch.empty((), dtype=dtype).element_size()
-            g = torch.Generator(device="cuda").manual_seed(0)
-            mu = torch.randn(shape, device="cuda", dtype=dtype, generator=g).requires_grad_(True)
-            lv = (0.5 * torch.randn(shape, device="cuda", dtype=dtype, generator=g)).requires_grad_(True)
-            grad_z = torch.randn(shape, device="cuda", dtype=dtype, generator=g)
+            g = torch.Generator(device=dev).manual_seed(0)
+            mu = torch.randn(shape, device=dev, dtype=dtype, generator=g).requires_grad_(True)
+            lv = (0.5 * torch.randn(shape, device=dev, dtype=dtype, generator=g)).requires_grad_(True)
+            grad_z = torch.randn(shape, device=dev, dtype=dtype, generator=g)
             checks = {name: sanity(impls[name], mu, lv) for name in backends if name in impls}
             for kind in passes:
                 base = {"shape": list(shape), "numel": n, "dtype": str(dtype).replace("torch.", ""), "pass": kind}
@@ -226,7 +229,8 @@ def main(argv=None) -> int:
                     )
                 rows += new_rows
             del mu, lv, grad_z
-            torch.cuda.empty_cache()
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
             # partial results survive an interrupted run
             write_result(out, {"meta": meta, "copy_bandwidth": copy, "results": rows, "complete": False})
 

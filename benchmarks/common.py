@@ -55,8 +55,14 @@ def git_state() -> dict:
     }
 
 
+def load_average() -> list[float] | None:
+    """The machine's 1, 5 and 15 minute load averages (None where the OS has none)."""
+    return list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+
+
 def environment() -> dict:
-    """Machine, versions, threads, load, git commit and date to store next to raw numbers."""
+    """Machine, versions, threads, load, git commit and date to store next to raw numbers
+    (call it when a run starts; add ``load_average()`` at the end)."""
     import fused_vae
 
     env = {
@@ -64,7 +70,7 @@ def environment() -> dict:
         "machine": platform.machine(),
         "cpu": cpu_model(),
         "logical_cpus": os.cpu_count(),
-        "load_average_1_5_15min": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "load_average_1_5_15min": load_average(),
         "torch_threads": torch.get_num_threads(),
         "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "python": platform.python_version(),
@@ -94,19 +100,29 @@ def environment() -> dict:
 
 
 def summarize(measurement: Measurement, calls: int) -> dict:
-    """JSON-able statistics of a (merged) Measurement: per-call median and IQR over the
-    timed blocks, the number of calls timed, and up to MAX_RAW_TIMES block times."""
+    """JSON-able statistics of a (merged) Measurement over its timed blocks (seconds per
+    call): median, IQR, 10th percentile and minimum, the number of calls and blocks
+    timed, and up to MAX_RAW_TIMES block times."""
     times = measurement.times  # seconds per call, one entry per timed block
     stride = max(1, len(times) // MAX_RAW_TIMES)
     return {
         "median_s": measurement.median,
         "iqr_s": measurement.iqr,
+        "p10_s": float(torch.tensor(times, dtype=torch.float64).quantile(0.1)),
         "min_s": min(times),
         "runs": calls,
         "blocks": len(times),
         "times_s_every_nth_block": stride,
         "times_s": times[::stride][:MAX_RAW_TIMES],
     }
+
+
+def speedup(timings: dict[str, dict], base: str, new: str) -> dict:
+    """How many times faster ``new`` ran than ``base`` in a :func:`time_calls` result, by
+    the median and by the 10th percentile. Noise on a shared machine only adds time, so
+    when calls are descheduled in many blocks (the median jumps between modes) the
+    10th-percentile ratio is the steadier one."""
+    return {stat: timings[base][f"{stat}_s"] / timings[new][f"{stat}_s"] for stat in ("median", "p10")}
 
 
 def time_calls(fns: dict[str, Callable[[], object]], *, min_run_time: float = 1.0, warmup: int = 3,
