@@ -150,7 +150,7 @@ def run_section(section, sizes, dtypes, threads, min_run_time):
                 for t in timings.values():
                     t["GB_per_s"] = moved / t["median_s"] / 1e9
                 row = {"section": section, "dtype": dname, "shape": list(shape), "threads": threads, "case": case,
-                       "impls": timings,
+                       "raw_ops": [str(raw[0][0]), str(raw[1][0])], "impls": timings,
                        "speedup_vs_eager": speedup(timings, "eager", "fused"),
                        "speedup_vs_compile": speedup(timings, "compile", "fused")}
                 if "raw_op" in timings:
