@@ -207,6 +207,17 @@ def test_reduced_kl_bits_do_not_depend_on_the_grid(reduction, monkeypatch):
     assert all(torch.equal(results[0], r) for r in results[1:])
 
 
+def test_failed_occupancy_query_is_reported_and_not_remembered(monkeypatch):
+    # 10 tiles: the launcher sizes the grid from the occupancy query.
+    mu, lv = make_inputs((5, 2000), torch.float32, "cpu", seed=6)
+    monkeypatch.setenv("FUSED_VAE_CUDA_EMULATE_FAIL_OCCUPANCY", "1")
+    with pytest.raises(RuntimeError, match="emulated CUDA error: invalid device function"):
+        fwd(mu, lv, "per_sample")
+    monkeypatch.delenv("FUSED_VAE_CUDA_EMULATE_FAIL_OCCUPANCY")
+    z, kl = fwd(mu, lv, "per_sample")
+    check_math(z, kl, mu, lv, 7, "per_sample")
+
+
 def test_public_api_runs_the_emulated_kernels_but_never_chooses_them():
     assert "cpu" in fv.available_backends()["cuda"].devices
     assert fv.backend_for("cpu") != "cuda"

@@ -296,7 +296,9 @@ class Pool {
 
 std::mutex g_launch_mutex;  // one launch at a time
 thread_local cudaError_t g_last_error = cudaSuccess;
-std::string g_last_fault;  // guarded by g_launch_mutex
+// The description of the last failed launch and its error (guarded by g_launch_mutex).
+std::string g_last_fault;
+cudaError_t g_last_fault_error = cudaSuccess;
 
 Pool& pool() {
   static Pool* p = new Pool();  // leaked on purpose: worker threads outlive static destruction
@@ -306,6 +308,7 @@ Pool& pool() {
 void set_error(cudaError_t err, std::string detail) {
   g_last_error = err;
   g_last_fault = std::move(detail);
+  g_last_fault_error = err;
 }
 
 }  // namespace
@@ -325,6 +328,7 @@ void launch_grid(dim3 grid, dim3 block, std::size_t dynamic_smem, cudaStream_t, 
     return;
   }
   g_last_fault.clear();
+  g_last_fault_error = cudaSuccess;
   static Block state;
   std::vector<unsigned char> shared(kSharedBytesPerBlock);
   for (unsigned b = 0; b < grid.x; ++b) {
@@ -373,7 +377,7 @@ void throw_on_error(cudaError_t err) {
   std::string msg = std::string("fused_vae emulated CUDA error: ") + cudaGetErrorString(err);
   {
     std::lock_guard<std::mutex> lk(g_launch_mutex);
-    if (!g_last_fault.empty()) msg += " (" + g_last_fault + ")";
+    if (err == g_last_fault_error && !g_last_fault.empty()) msg += " (" + g_last_fault + ")";
   }
   throw std::runtime_error(msg);
 }
@@ -399,6 +403,8 @@ const char* cudaGetErrorString(cudaError_t err) {
       return "invalid configuration argument";
     case cudaErrorInvalidDevice:
       return "invalid device ordinal";
+    case cudaErrorInvalidDeviceFunction:
+      return "invalid device function";
     case cudaErrorLaunchOutOfResources:
       return "too many resources requested for launch";
     case cudaErrorLaunchFailure:

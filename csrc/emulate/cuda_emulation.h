@@ -28,6 +28,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <functional>
 #include <type_traits>
@@ -87,6 +88,7 @@ enum cudaError {
   cudaSuccess = 0,
   cudaErrorInvalidValue = 1,
   cudaErrorInvalidConfiguration = 9,
+  cudaErrorInvalidDeviceFunction = 98,
   cudaErrorInvalidDevice = 101,
   cudaErrorLaunchOutOfResources = 701,
   cudaErrorLaunchFailure = 719,
@@ -173,9 +175,12 @@ inline T __ldg(const T* p) {
   return *p;
 }
 
+// FUSED_VAE_CUDA_EMULATE_FAIL_OCCUPANCY=1 makes the query fail (tests of error reporting).
 template <typename Kernel>
 cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessor(int* num_blocks, Kernel kernel, int block_size,
                                                           std::size_t dynamic_smem) {
+  const char* fail = std::getenv("FUSED_VAE_CUDA_EMULATE_FAIL_OCCUPANCY");
+  if (fail != nullptr && fail[0] == '1') return cudaErrorInvalidDeviceFunction;
   if (num_blocks == nullptr || dynamic_smem > ::fused_vae::emu::kSharedBytesPerBlock) return cudaErrorInvalidValue;
   *num_blocks = ::fused_vae::emu::max_active_blocks(kernel, block_size);
   return cudaSuccess;
