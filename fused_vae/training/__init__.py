@@ -11,7 +11,8 @@ from .checkpoint import CheckpointError, atomic_save, load_checkpoint, save_chec
 from .config import ConfigError, TrainConfig, load_config_file
 from .data import DataBundle, DataError, load_data, load_image_folder, load_mnist_images, load_tensor_file, read_idx
 from .evaluation import evaluate
-from .trainer import NonFiniteLossError, RunExistsError, Trainer, train
+from .presets import PRESETS, load_preset
+from .trainer import NonFiniteLossError, RunExistsError, Trainer, TrainingInterrupted, train
 
 __all__ = [
     "CheckpointError",
@@ -19,14 +20,17 @@ __all__ = [
     "DataBundle",
     "DataError",
     "NonFiniteLossError",
+    "PRESETS",
     "RunExistsError",
     "TrainConfig",
     "Trainer",
+    "TrainingInterrupted",
     "atomic_save",
     "evaluate",
     "load_checkpoint",
     "load_config_file",
     "load_data",
+    "load_preset",
     "load_image_folder",
     "load_mnist_images",
     "load_tensor_file",
