@@ -169,7 +169,8 @@ def _cmd_train(ns) -> int:
 def _summary_text(s: dict) -> str:
     if s.get("already_complete"):
         head = (f"{s['run_dir']} is already complete ({s['steps']} steps, {s['epochs']:g} epochs); nothing was "
-                "trained. To train it further, resume with a larger --epochs.")
+                f"trained. To train it further, resume with a larger --epochs; to evaluate it again: "
+                f"fused-vae eval {s['run_dir']} --iwae-samples K")
     else:
         head = (f"done: {s['steps']} steps ({s['epochs']:g} epochs) in {s['train_time_s']:.1f} s on {s['device']}"
                 f" x{s['world_size']} (fused backend {s['fused_backend']}, amp {s['amp']})")
