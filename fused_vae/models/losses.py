@@ -53,5 +53,5 @@ def vae_loss(recon_nll: torch.Tensor, kl: torch.Tensor, *, beta: float = 1.0, fr
         kl_pen = free_bits_kl(kl, free_bits)
     else:
         kl_pen = kl_mean
-    loss = recon + beta * kl_pen
+    loss = recon + (kl_pen if beta == 1.0 else beta * kl_pen)  # no extra autograd node for beta = 1
     return {"loss": loss, "recon": recon, "kl": kl_mean, "kl_penalty": kl_pen, "elbo": -(recon + kl_mean)}
