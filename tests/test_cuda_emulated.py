@@ -4,12 +4,13 @@ csrc/cuda/ is compiled as host C++ against csrc/emulate/cuda_emulation.h (see
 fused_vae/backends/cuda_emulation.py): each block's 256 threads run concurrently, barriers
 and full-mask shuffles are checked, outputs and shared memory start as NaN. The shapes
 here reach every path of the kernels with their real tile sizes (TILE = 1024 elements
-for float32/float64, 2048 for 16-bit types): the single-block fused reduction (at most 8
-tiles x samples), the multi-block path with its finalize kernels, rows cut by tile
-boundaries, rows longer than 8 tiles, many rows per tile, several samples with
-N % 4 != 0 and the split of samples over blocks, misaligned (scalar-access) inputs,
-broadcast output gradients and empty inputs. Values are checked against independent
-float64 math (tests/independent.py).
+for float32/float64, 2048 for 16-bit types): the single-block fused path (at most 8
+tiles x samples) with and without its row pass, the multi-block path with the row pass
+kernel and the one-block total, tiles of whole rows (many rows per tile, rows that start
+off a vector boundary) and tiles that hold one chunk of a row (rows of more than 32
+chunks), several samples with N % 4 != 0 and the split of samples over blocks,
+misaligned (scalar-access) inputs, broadcast output gradients and empty inputs. Values
+are checked against independent float64 math (tests/independent.py).
 """
 
 from __future__ import annotations
@@ -71,14 +72,17 @@ def grads64(mu, lv, seed, num_samples, reduction, gz, gkl, clamp=None):
     return torch.autograd.grad((z, kl), (m, l_raw), (gz.double(), gkl.double()))
 
 
-# Shapes as functions of the dtype's tile size T; names say which path they reach.
+# Shapes as functions of the dtype's tile size T (V = 4 or 8 elements per thread; a tile
+# spans at most T - (V - 1) elements when D % V != 0); names say which path they reach.
 SHAPES = {
-    "ragged_tail": lambda t: (7, 13),  # one partial tile, single-block fused path
-    "rows_cut_fused": lambda t: (3, t - 24),  # 3 tiles, rows cut by tile boundaries, one block
-    "rows_cut_multi": lambda t: (5, 2 * t - 48),  # 10 tiles, several blocks, boundary finalize
-    "rows_over_8_tiles": lambda t: (2, 8 * t + 100),  # 17 tiles, one warp per row in the finalize
-    "many_rows_per_tile": lambda t: (3 * t + 5, 1, 3),  # D = 3: 341 / 682 rows per tile, 9 tiles
-    "row_divides_tile": lambda t: (9 * t // 64, 64),  # 9 tiles, no cut row: no finalize kernel
+    "ragged_tail": lambda t: (7, 13),  # whole rows off a multiple of V, one partial tile, one block
+    "row_fills_tile": lambda t: (3, t),  # D = T: one row per tile, 3 tiles, one block
+    "row_just_over_span": lambda t: (3, t - 2),  # D % V != 0 and D > T - V + 1: 2 chunks of T - V
+    "rows_chunked_fused": lambda t: (2, 2 * t + 5),  # 3 chunks per row, 6 tiles: row pass in the block
+    "rows_chunked_multi": lambda t: (5, 2 * t - 48),  # 10 tiles, several blocks, row pass kernel
+    "rows_over_32_chunks": lambda t: (1, 33 * t + 5),  # 34 chunks: the row pass's lanes wrap
+    "many_rows_per_tile": lambda t: (3 * t + 5, 1, 3),  # D = 3: 340 / 680 rows per tile, 10 tiles
+    "row_divides_tile": lambda t: (9 * t // 64, 64),  # 9 tiles of whole rows, no row pass
     "flat": lambda t: (5000,),  # D = 1
 }
 
@@ -198,7 +202,8 @@ def test_empty_inputs(reduction):
 @pytest.mark.parametrize("reduction", ["per_sample", "sum", "batchmean"])
 def test_reduced_kl_bits_do_not_depend_on_the_grid(reduction, monkeypatch):
     # The reduction tree depends on the shape only: 1, 2 or 5 emulated SMs give 8, 16 or
-    # 40 resident blocks, so the 17 tiles below are spread over different grids.
+    # 40 resident blocks, so the 18 tiles below (9 chunks per row) and the row pass are
+    # spread over different grids.
     mu, lv = make_inputs((2, 8 * 1024 + 100), torch.float32, "cpu", seed=17)
     results = []
     for sms in ("1", "2", "5"):

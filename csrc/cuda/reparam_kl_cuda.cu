@@ -157,7 +157,7 @@ std::tuple<at::Tensor, at::Tensor> reparam_kl_fwd_cuda(const at::Tensor& mu_in, 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, mu.scalar_type(), "reparam_kl_fwd_cuda", [&] {
     using T = typename CudaType<scalar_t>::type;
     using acc_t = cuda::acc_type_t<T>;
-    const int64_t ws_elems = cuda::fwd_workspace_elems<T>(shape.N, kl_mode);
+    const int64_t ws_elems = cuda::fwd_workspace_elems<T>(shape.B, shape.D, kl_mode);
     at::Tensor workspace = ws_elems > 0 ? at::empty({ws_elems}, mu.options().dtype(acc_type)) : at::Tensor();
     poison(workspace);
     cuda::FwdParams<T> p;

@@ -7,29 +7,34 @@
 // float32 for float32 / float16 / bfloat16 and float64 for float64 (the noise stays
 // float32); all element indices are 64-bit.
 //
-// Work decomposition. The flat [N] problem is cut into tiles of TILE = 256 * V elements
-// (V = 8 for 16-bit types, else 4). A block of 256 threads handles one tile per
-// iteration of a grid-stride loop over tiles; thread k of the block owns the V
-// consecutive elements [t0 + k*V, t0 + k*V + V), which start on a Philox group boundary,
-// so one Philox call yields 4 of its normals (two calls for 16-bit types). Loads and
-// stores are 16-byte vectors when every pointer is 16-byte aligned (and, with several
-// samples, N is a multiple of V); otherwise the kernel instance with scalar accesses
-// runs. The last, partial chunk is handled with scalar accesses in both instances.
+// Work decomposition (docs/design.md section 9). The forward cuts its [R, C] view of the
+// problem ([B, D] when the KL is reduced, else one row [1, N]) into row-aligned tiles
+// (RowTiles in reparam_kl_launch.h): whole rows, or one chunk of one row, of at most
+// TILE = 256 * V elements (V = 8 for 16-bit types, else 4). A block of 256 threads
+// handles one tile per iteration of a grid-stride loop; thread k owns the V elements
+// from base + k*V (base: the tile's first element rounded down to a multiple of V),
+// which start on a Philox group boundary, so one Philox call yields 4 of its normals
+// (two calls for 16-bit types); elements of the chunk outside the tile are masked. Loads
+// and stores are 16-byte vectors for a thread's full chunks when every pointer is
+// 16-byte aligned (and, with several samples, N is a multiple of V); otherwise the
+// kernel instance with scalar accesses runs. The backward reduces nothing and uses flat
+// tiles of TILE elements.
 //
 // Reductions (no atomics; the tree depends on the shape only, never on the grid):
-//   sum / batchmean: each tile's KL is summed (per thread in element order, then a
-//     butterfly warp reduction, then the 8 warp sums) into workspace[t]; a final pass
-//     sums the tile partials in a fixed order in double.
-//   per_sample: the tile's KL values are staged in shared memory and each row that
-//     meets the tile is summed by a group of W lanes (W = min(32, pow2 >= D)). A row
-//     contained in the tile is written to kl[b] directly; a row cut by a tile boundary
-//     leaves one partial per tile (workspace[2t] for the tile's first row, [2t+1] for its
-//     last), which a final pass adds in tile order.
-// Small problems (tiles x samples <= kFuseTiles) run in one block whose tail does the
-// final pass, so they take one launch; others launch a small second kernel (none for
-// per_sample when D divides TILE: no row is cut). With many samples and few tiles the
-// forward also splits the samples over blocks (the backward sums over samples per
-// element, so its parallelism is the number of tiles).
+//   tiles: a tile of whole rows stages its KL values in shared memory and sums each row
+//     with a group of W lanes (W = min(32, pow2 >= D)), writing the row sum; a tile that
+//     holds one chunk of a row sums it over the block into partials[b * chunks + c].
+//   row pass (chunks > 1 only): a warp per row, lane l adding chunks l, l + 32, ... in
+//     order, then a butterfly, writes the row sum.
+//   total (sum / batchmean): one block adds the B row sums in double in a fixed tree
+//     (thread k: rows k, k + 256, ...; then the block sum), divided by B for batchmean.
+// Row sums go to kl_out (per_sample) or to B slots of the workspace after the partials
+// (sum / batchmean). Small problems (tiles x samples <= kFuseTiles) run in one block that
+// also does the row pass and the total, so they take one launch; others launch the row
+// pass (per_sample with chunks > 1) or one block for the row pass and the total
+// (sum / batchmean). With many samples and few tiles the forward also splits the samples
+// over blocks (the backward sums over samples per element, so its parallelism is the
+// number of tiles).
 //
 // Emulation (FUSED_VAE_CUDA_EMULATE, tests only): the same source compiles as host C++
 // against csrc/emulate/cuda_emulation.h, which runs each block's threads concurrently.
@@ -70,7 +75,6 @@ namespace detail {
 
 constexpr int kWarps = kThreads / 32;
 constexpr int64_t kFuseTiles = 8;       // tiles x samples that one block finishes alone
-constexpr int64_t kRowWarpSpan = 8;     // per-sample final pass: a warp per row when D > 8 tiles
 
 // ---- scalar conversions ---------------------------------------------------------------
 
@@ -104,20 +108,20 @@ struct alignas(16) Pack {
   T v[V];
 };
 
-// The chunk's raw values: p[k] for k < cnt, zero bits beyond (p points at the chunk's
-// first element). Loads are kept apart from the conversion (unpack) so that a thread
-// issues all its loads before the first use: a 16-bit value converted right after its
-// load makes the next load wait for the first.
+// The chunk's raw values: p[k] for lo <= k < hi, zero bits elsewhere (p points at the
+// chunk's first element). Loads are kept apart from the conversion (unpack) so that a
+// thread issues all its loads before the first use: a 16-bit value converted right after
+// its load makes the next load wait for the first.
 template <typename T, int V, bool kVec>
-__device__ __forceinline__ Pack<T, V> load_raw(const T* __restrict__ p, int cnt) {
-  if (kVec && cnt == V) {
+__device__ __forceinline__ Pack<T, V> load_raw(const T* __restrict__ p, int lo, int hi) {
+  if (kVec && lo == 0 && hi == V) {
     FV_ASSERT_ALIGNED16(p);
     return *reinterpret_cast<const Pack<T, V>*>(p);
   }
   Pack<T, V> pk{};
 #pragma unroll
   for (int k = 0; k < V; ++k) {
-    if (k < cnt) pk.v[k] = p[k];
+    if (k >= lo && k < hi) pk.v[k] = p[k];
   }
   return pk;
 }
@@ -136,8 +140,8 @@ __device__ __forceinline__ void fill_chunk(const T* __restrict__ p, acc_type_t<T
 }
 
 template <typename T, int V, bool kVec>
-__device__ __forceinline__ void store_chunk(T* __restrict__ p, int cnt, const acc_type_t<T> (&in)[V]) {
-  if (kVec && cnt == V) {
+__device__ __forceinline__ void store_chunk(T* __restrict__ p, int lo, int hi, const acc_type_t<T> (&in)[V]) {
+  if (kVec && lo == 0 && hi == V) {
     Pack<T, V> pk;
 #pragma unroll
     for (int k = 0; k < V; ++k) pk.v[k] = Conv<T>::from_acc(in[k]);
@@ -146,7 +150,7 @@ __device__ __forceinline__ void store_chunk(T* __restrict__ p, int cnt, const ac
   } else {
 #pragma unroll
     for (int k = 0; k < V; ++k) {
-      if (k < cnt) p[k] = Conv<T>::from_acc(in[k]);
+      if (k >= lo && k < hi) p[k] = Conv<T>::from_acc(in[k]);
     }
   }
 }
@@ -209,55 +213,28 @@ __device__ __forceinline__ A block_sum(A v, A* red) {
   return total;
 }
 
-// Which workspace slot of tile t holds the partial of the row starting at row_start
-// whose first tile is t_a (see the header comment).
-template <int64_t TILE>
-__device__ __forceinline__ int64_t row_slot(int64_t t, int64_t t_a, int64_t row_start) {
-  return 2 * t + ((t == t_a && row_start != t_a * TILE) ? 1 : 0);
-}
-
-// per_sample final pass, rows of at most kRowWarpSpan tiles: one worker per cut row,
-// found at the first tile boundary inside it; workers first, first + stride, ...
-template <typename A, int64_t TILE>
-__device__ void finalize_rows_by_boundary(A* __restrict__ kl_out, const A* __restrict__ ws, int64_t tiles,
-                                          int64_t D, int64_t first, int64_t stride) {
-  for (int64_t t = 1 + first; t < tiles; t += stride) {
-    const int64_t P = t * TILE;
-    const int64_t b = P / D;
-    const int64_t row_start = b * D;
-    if (row_start == P) continue;  // the boundary is a row boundary
-    const int64_t t_a = row_start / TILE;
-    if (t != t_a + 1) continue;  // not the row's first boundary
-    const int64_t t_b = (row_start + D - 1) / TILE;
-    A s = A(0);
-    for (int64_t u = t_a; u <= t_b; ++u) s += ws[row_slot<TILE>(u, t_a, row_start)];
-    kl_out[b] = s;
-  }
-}
-
-// per_sample final pass, long rows: one warp per row.
-template <typename A, int64_t TILE>
-__device__ void finalize_rows_by_warp(A* __restrict__ kl_out, const A* __restrict__ ws, int64_t B, int64_t D,
-                                      int64_t warp_first, int64_t warp_stride) {
+// Row pass: out[b] = the sum of row b's chunks partials[b * chunks + c], by a warp per
+// row (lane l adds chunks l, l + 32, ... in order, then a butterfly); warps first,
+// first + stride, ...
+template <typename A>
+__device__ void sum_row_chunks(A* __restrict__ out, const A* __restrict__ partials, int64_t B, int64_t chunks,
+                               int64_t warp_first, int64_t warp_stride) {
   const int lane = threadIdx.x & 31;
   for (int64_t b = warp_first; b < B; b += warp_stride) {
-    const int64_t row_start = b * D;
-    const int64_t t_a = row_start / TILE;
-    const int64_t t_b = (row_start + D - 1) / TILE;
-    if (t_a == t_b) continue;  // whole row in one tile: written by the forward kernel
+    const A* row = partials + b * chunks;
     A s = A(0);
-    for (int64_t u = t_a + lane; u <= t_b; u += 32) s += ws[row_slot<TILE>(u, t_a, row_start)];
+    for (int64_t c = lane; c < chunks; c += 32) s += row[c];
     s = warp_sum(s);
-    if (lane == 0) kl_out[b] = s;
+    if (lane == 0) out[b] = s;
   }
 }
 
-// sum / batchmean final pass by one block: fixed-order double sums of the tile partials.
+// Total by one block: the B row sums added in double in a fixed tree, / B for batchmean.
 template <typename A>
-__device__ void finalize_total(A* __restrict__ kl_out, const A* __restrict__ ws, int64_t tiles, int64_t B,
-                               bool mean, double* red) {
+__device__ void sum_rows_total(A* __restrict__ kl_out, const A* __restrict__ row_sums, int64_t B, bool mean,
+                               double* red) {
   double s = 0.0;
-  for (int64_t u = threadIdx.x; u < tiles; u += kThreads) s += static_cast<double>(ws[u]);
+  for (int64_t b = threadIdx.x; b < B; b += kThreads) s += static_cast<double>(row_sums[b]);
   s = block_sum(s, red);
   if (threadIdx.x == 0) {
     if (mean) s /= static_cast<double>(B);
@@ -265,18 +242,15 @@ __device__ void finalize_total(A* __restrict__ kl_out, const A* __restrict__ ws,
   }
 }
 
-template <typename A, int64_t TILE>
-__device__ __forceinline__ void finalize_block(A* kl_out, const A* ws, int64_t tiles, int64_t B, int64_t D,
-                                               int64_t kl_mode, double* red) {
-  if (kl_mode == kKlPerSample) {
-    if (D > kRowWarpSpan * TILE) {
-      finalize_rows_by_warp<A, TILE>(kl_out, ws, B, D, threadIdx.x >> 5, kWarps);
-    } else {
-      finalize_rows_by_boundary<A, TILE>(kl_out, ws, tiles, D, threadIdx.x, kThreads);
-    }
-  } else {
-    finalize_total<A>(kl_out, ws, tiles, B, kl_mode == kKlBatchMean, red);
-  }
+// What is left after the tiles, by one block: the row pass (chunks > 1), then the total
+// (sum / batchmean). The caller's barrier makes the tiles' writes visible.
+template <typename A>
+__device__ void finish_in_block(A* kl_out, const A* partials, A* row_sums, int64_t B, int64_t chunks,
+                                int64_t kl_mode, double* red) {
+  if (chunks > 1) sum_row_chunks<A>(row_sums, partials, B, chunks, threadIdx.x >> 5, kWarps);
+  if (kl_mode == kKlPerSample) return;
+  __syncthreads();
+  sum_rows_total<A>(kl_out, row_sums, B, kl_mode == kKlBatchMean, red);
 }
 
 // a / b for 0 <= a, 0 < b; a 32-bit division when the problem's indices fit (N < 2**32).
@@ -299,7 +273,7 @@ __device__ __forceinline__ void next_work_item(int64_t& c, int64_t& t, int64_t s
 
 template <typename T, bool kVec>
 __global__ void __launch_bounds__(kThreads)
-    reparam_kl_fwd_kernel(const FwdParams<T> p, const int64_t tiles, const int64_t chunks,
+    reparam_kl_fwd_kernel(const FwdParams<T> p, const RowTiles g, const int64_t sample_chunks,
                           const int64_t chunk_samples, const bool fuse_final) {
   using acc_t = acc_type_t<T>;
   constexpr int V = TileShape<T>::kVec;
@@ -311,26 +285,31 @@ __global__ void __launch_bounds__(kThreads)
   const uint64_t seed = p.z != nullptr ? load_seed(p.seed_ptr, p.seed_value) : 0;
   const int tid = threadIdx.x;
   const int64_t N = p.N;
-  const int64_t D = p.D;
+  const int64_t C = g.cols;
+  const int64_t tiles = g.tiles;
   const int64_t mode = p.kl_mode;
   const bool small_index = N <= 0xffffffffLL;
-  // per_sample: rows are summed by groups of W lanes (W = min(32, pow2 >= D)); lane li of
-  // group g of its warp. Depends on D only, so it is computed once, not per tile.
+  // Partials [R, chunks], then the row sums (kl_out for per_sample).
+  acc_t* const partials = p.workspace;
+  acc_t* const row_sums =
+      mode == kKlPerSample ? p.kl_out : p.workspace + (g.chunks > 1 ? g.rows * g.chunks : 0);
+  // Whole-row tiles: rows are summed by groups of W lanes (W = min(32, pow2 >= C)); lane li
+  // of group gr of its warp. Depends on C only, so it is computed once, not per tile.
   int W = 32;
-  if (D < 32) {
+  if (C < 32) {
     W = 1;
-    while (W < D) W <<= 1;
+    while (W < C) W <<= 1;
   }
   const int per_warp = 32 / W;
   const int warp = tid >> 5;
   const int lane = tid & 31;
-  const int g = lane / W;
+  const int gr = lane / W;
   const int li = lane % W;
 
-  // Work item w: tile t = w % tiles, samples [c * chunk_samples, ...) of chunk c = w / tiles
-  // (several chunks only when many samples meet few tiles). Chunk 0 also does the KL.
-  // (c, t) advance by the grid size without a division per item.
-  const int64_t work = tiles * chunks;
+  // Work item w: tile t = w % tiles, samples [c * chunk_samples, ...) of sample chunk
+  // c = w / tiles (several only when many samples meet few tiles). Chunk 0 also does the
+  // KL. (c, t) advance by the grid size without a division per item.
+  const int64_t work = tiles * sample_chunks;
   const int64_t step = gridDim.x;
   const int64_t step_c = step / tiles;
   const int64_t step_t = step - step_c * tiles;
@@ -339,14 +318,29 @@ __global__ void __launch_bounds__(kThreads)
   for (int64_t w = blockIdx.x; w < work; w += step, next_work_item(c, t, step_c, step_t, tiles)) {
     const int64_t s_begin = c * chunk_samples;
     const int64_t s_end = s_begin + chunk_samples < p.num_samples ? s_begin + chunk_samples : p.num_samples;
-    const int64_t t0 = t * TILE;
-    const int64_t j = t0 + static_cast<int64_t>(tid) * V;
-    const int64_t rem = N - j;
-    const int cnt = rem <= 0 ? 0 : (rem >= V ? V : static_cast<int>(rem));
+    // The tile: elements [a, e) of rows row0 .. row0 + nrows - 1.
+    int64_t row0, nrows, a, e;
+    if (g.chunks == 1) {
+      row0 = t * g.rows_per_tile;
+      nrows = g.rows - row0 < g.rows_per_tile ? g.rows - row0 : g.rows_per_tile;
+      a = row0 * C;
+      e = a + nrows * C;
+    } else {
+      row0 = index_div(t, g.chunks, small_index);
+      nrows = 1;
+      const int64_t col = (t - row0 * g.chunks) * g.chunk_len;
+      a = row0 * C + col;
+      e = row0 * C + (C - col < g.chunk_len ? C : col + g.chunk_len);
+    }
+    const int64_t base = a & ~static_cast<int64_t>(V - 1);
+    const int64_t j = base + static_cast<int64_t>(tid) * V;
+    const int lo = j < a ? static_cast<int>(a - j) : 0;
+    const int64_t rem = e - j;
+    const int hi = rem <= lo ? lo : (rem >= V ? V : static_cast<int>(rem));  // elements [lo, hi)
 
     acc_t m[V], l[V], sd[V];
-    const Pack<T, V> mu_raw = load_raw<T, V, kVec>(p.mu + j, cnt);
-    const Pack<T, V> lv_raw = load_raw<T, V, kVec>(p.lv + j, cnt);
+    const Pack<T, V> mu_raw = load_raw<T, V, kVec>(p.mu + j, lo, hi);
+    const Pack<T, V> lv_raw = load_raw<T, V, kVec>(p.lv + j, lo, hi);
     unpack<T, V>(mu_raw, m);
     unpack<T, V>(lv_raw, l);
 #pragma unroll
@@ -355,98 +349,81 @@ __global__ void __launch_bounds__(kThreads)
       sd[k] = op_exp(acc_t(0.5) * l[k]);
     }
 
-    if (p.z != nullptr && cnt > 0) {
+    if (p.z != nullptr && hi > lo) {
       for (int64_t s = s_begin; s < s_end; ++s) {
-        const int64_t base = s * N + j;
+        const int64_t zj = s * N + j;
         float eps[V];
         if (kVec) {
-          noise_aligned<V>(seed, static_cast<uint64_t>(base), eps);
+          noise_aligned<V>(seed, static_cast<uint64_t>(zj), eps);
         } else {
-          noise_any<V>(seed, static_cast<uint64_t>(base), eps);
+          noise_any<V>(seed, static_cast<uint64_t>(zj), eps);
         }
         acc_t zz[V];
 #pragma unroll
         for (int k = 0; k < V; ++k) zz[k] = m[k] + sd[k] * static_cast<acc_t>(eps[k]);
-        store_chunk<T, V, kVec>(p.z + base, cnt, zz);
+        store_chunk<T, V, kVec>(p.z + zj, lo, hi, zz);
       }
     }
     if (mode == kKlSkip || c != 0) continue;  // uniform over the block
 
     acc_t kl[V];
 #pragma unroll
-    for (int k = 0; k < V; ++k) kl[k] = k < cnt ? kl_term(m[k], l[k], sd[k]) : acc_t(0);
+    for (int k = 0; k < V; ++k) kl[k] = k >= lo && k < hi ? kl_term(m[k], l[k], sd[k]) : acc_t(0);
 
     if (mode == kKlElementwise) {
-      if (cnt > 0) store_chunk<T, V, kVec>(p.kl_elem + j, cnt, kl);
+      if (hi > lo) store_chunk<T, V, kVec>(p.kl_elem + j, lo, hi, kl);
       continue;
     }
 
-    if (mode != kKlPerSample) {  // sum / batchmean: one partial per tile
+    if (g.chunks > 1) {  // one chunk of one row: its partial, partials[row0 * chunks + chunk] = [t]
       acc_t s = acc_t(0);
 #pragma unroll
       for (int k = 0; k < V; ++k) s += kl[k];
       s = block_sum(s, red);
-      if (tid == 0) p.workspace[t] = s;
+      if (tid == 0) partials[t] = s;
       continue;
     }
 
-    // per_sample: stage the tile, then sum each row that meets it.
+    // Whole rows: stage the tile, then sum each of its rows.
 #pragma unroll
     for (int k = 0; k < V; ++k) stage[tid * V + k] = kl[k];
     __syncthreads();
-    const int64_t len = N - t0 < TILE ? N - t0 : TILE;
-    const int64_t r_first = index_div(t0, D, small_index);
-    const int64_t r_last = index_div(t0 + len - 1, D, small_index);
-    const int64_t nr = r_last - r_first + 1;
-    for (int64_t base = static_cast<int64_t>(warp) * per_warp; base < nr; base += kWarps * per_warp) {
-      const int64_t lr = base + g;
-      const int64_t r = r_first + lr;
-      const int64_t row_start = r * D;
+    const int64_t first = a - base;  // row 0 of the tile starts at stage[first]
+    for (int64_t gb = static_cast<int64_t>(warp) * per_warp; gb < nrows; gb += kWarps * per_warp) {
+      const int64_t lr = gb + gr;
       acc_t s = acc_t(0);
-      if (lr < nr) {
-        const int64_t a = (row_start > t0 ? row_start : t0) - t0;
-        const int64_t e = (row_start + D < t0 + len ? row_start + D : t0 + len) - t0;
-        for (int64_t i = a + li; i < e; i += W) s += stage[i];
+      if (lr < nrows) {
+        const int64_t row_begin = first + lr * C;
+        for (int64_t i = row_begin + li; i < row_begin + C; i += W) s += stage[i];
       }
       for (int off = W >> 1; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
-      if (lr < nr && li == 0) {
-        if (row_start >= t0 && row_start + D <= t0 + len) {
-          p.kl_out[r] = s;  // the whole row lies in this tile
-        } else {
-          p.workspace[2 * t + (r == r_first ? 0 : 1)] = s;
-        }
-      }
+      if (lr < nrows && li == 0) row_sums[row0 + lr] = s;
     }
     __syncthreads();  // stage is rewritten by the next tile
   }
 
   if (fuse_final) {
-    __syncthreads();  // makes this block's workspace writes visible to all its threads
-    finalize_block<acc_t, TILE>(p.kl_out, p.workspace, tiles, p.B, p.D, mode, red_d);
+    __syncthreads();  // makes this block's partials and row sums visible to all its threads
+    finish_in_block<acc_t>(p.kl_out, partials, row_sums, g.rows, g.chunks, mode, red_d);
   }
 }
 
-template <typename A, int64_t TILE>
-__global__ void __launch_bounds__(kThreads)
-    finalize_rows_boundary_kernel(A* __restrict__ kl_out, const A* __restrict__ ws, int64_t tiles, int64_t D) {
-  const int64_t first = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
-  finalize_rows_by_boundary<A, TILE>(kl_out, ws, tiles, D, first, stride);
-}
-
-template <typename A, int64_t TILE>
-__global__ void __launch_bounds__(kThreads)
-    finalize_rows_warp_kernel(A* __restrict__ kl_out, const A* __restrict__ ws, int64_t B, int64_t D) {
-  const int64_t warp_first = static_cast<int64_t>(blockIdx.x) * kWarps + (threadIdx.x >> 5);
-  const int64_t warp_stride = static_cast<int64_t>(gridDim.x) * kWarps;
-  finalize_rows_by_warp<A, TILE>(kl_out, ws, B, D, warp_first, warp_stride);
-}
-
+// Row pass of per_sample (chunks > 1): a warp per row.
 template <typename A>
 __global__ void __launch_bounds__(kThreads)
-    finalize_total_kernel(A* __restrict__ kl_out, const A* __restrict__ ws, int64_t tiles, int64_t B, bool mean) {
+    row_pass_kernel(A* __restrict__ kl_out, const A* __restrict__ partials, int64_t B, int64_t chunks) {
+  const int64_t warp_first = static_cast<int64_t>(blockIdx.x) * kWarps + (threadIdx.x >> 5);
+  const int64_t warp_stride = static_cast<int64_t>(gridDim.x) * kWarps;
+  sum_row_chunks<A>(kl_out, partials, B, chunks, warp_first, warp_stride);
+}
+
+// sum / batchmean after the tiles: the row pass (chunks > 1) and the total, by one block.
+template <typename A>
+__global__ void __launch_bounds__(kThreads)
+    finish_total_kernel(A* __restrict__ kl_out, const A* partials, A* row_sums, int64_t B, int64_t chunks,
+                        int64_t kl_mode) {
   FV_SHARED(double, red, kWarps);
-  finalize_total<A>(kl_out, ws, tiles, B, mean, red);
+  finish_in_block<A>(kl_out, partials, row_sums, B, chunks, kl_mode, red);
 }
 
 template <typename T, bool kVec>
@@ -492,12 +469,12 @@ __global__ void __launch_bounds__(kThreads) reparam_kl_bwd_kernel(const BwdParam
     // one sample ahead, before the noise of the current one).
     const bool gz_stream = has_gz && !p.grad_z_bcast;
     const bool gkl_stream = !gkl_is_scalar && mode == kKlElementwise;
-    const Pack<T, V> mu_raw = load_raw<T, V, kVec>(p.mu + j, cnt);
-    const Pack<T, V> lv_raw = load_raw<T, V, kVec>(p.lv + j, cnt);
+    const Pack<T, V> mu_raw = load_raw<T, V, kVec>(p.mu + j, 0, cnt);
+    const Pack<T, V> lv_raw = load_raw<T, V, kVec>(p.lv + j, 0, cnt);
     Pack<T, V> gz_raw{};
-    if (gz_stream) gz_raw = load_raw<T, V, kVec>(p.grad_z + j, cnt);
+    if (gz_stream) gz_raw = load_raw<T, V, kVec>(p.grad_z + j, 0, cnt);
     Pack<T, V> gkl_raw{};
-    if (gkl_stream) gkl_raw = load_raw<T, V, kVec>(p.grad_kl_elem + j, cnt);
+    if (gkl_stream) gkl_raw = load_raw<T, V, kVec>(p.grad_kl_elem + j, 0, cnt);
 
     acc_t m[V], raw[V];
     unpack<T, V>(mu_raw, m);
@@ -513,7 +490,7 @@ __global__ void __launch_bounds__(kThreads) reparam_kl_bwd_kernel(const BwdParam
       for (int64_t s = 0; s < p.num_samples; ++s) {
         const int64_t base = s * N + j;
         Pack<T, V> gz_next{};
-        if (gz_stream && s + 1 < p.num_samples) gz_next = load_raw<T, V, kVec>(p.grad_z + base + N, cnt);
+        if (gz_stream && s + 1 < p.num_samples) gz_next = load_raw<T, V, kVec>(p.grad_z + base + N, 0, cnt);
         acc_t g[V];
         if (p.grad_z_bcast) {
           fill_chunk<T, V>(p.grad_z, g);
@@ -567,8 +544,8 @@ __global__ void __launch_bounds__(kThreads) reparam_kl_bwd_kernel(const BwdParam
       const acc_t gl = grad_logvar_term(sd, gz_eps[k], gkl[k]);
       glv[k] = p.clamp.passes(raw[k]) ? gl : acc_t(0);
     }
-    store_chunk<T, V, kVec>(p.grad_mu + j, cnt, gmu);
-    store_chunk<T, V, kVec>(p.grad_lv + j, cnt, glv);
+    store_chunk<T, V, kVec>(p.grad_mu + j, 0, cnt, gmu);
+    store_chunk<T, V, kVec>(p.grad_lv + j, 0, cnt, glv);
   }
 }
 
@@ -609,14 +586,14 @@ inline int64_t grid_for(int per_sm, int64_t work, int num_sms) {
 template <typename T, bool kVec>
 cudaError_t launch_fwd_impl(const FwdParams<T>& p, const LaunchTarget& target) {
   using acc_t = acc_type_t<T>;
-  constexpr int64_t TILE = TileShape<T>::kElems;
   const int num_sms = target.num_sms;
-  const int64_t tiles = num_tiles<T>(p.N);
+  const RowTiles g = fwd_tiles<T>(p.B, p.D, p.N, p.kl_mode);
+  const int64_t tiles = g.tiles;
   const int64_t samples = p.num_samples > 1 ? p.num_samples : 1;
   const bool reduced = p.kl_mode >= kKlPerSample;
   constexpr auto kernel = reparam_kl_fwd_kernel<T, kVec>;
   int64_t grid = 1;
-  int64_t chunks = 1;
+  int64_t sample_chunks = 1;
   int64_t chunk_samples = samples;
   if (tiles * samples > kFuseTiles) {
     int per_sm = 0;
@@ -624,38 +601,31 @@ cudaError_t launch_fwd_impl(const FwdParams<T>& p, const LaunchTarget& target) {
     if (occ != cudaSuccess) return occ;
     const int64_t full = static_cast<int64_t>(num_sms > 0 ? num_sms : 1) * per_sm;
     if (tiles < full && samples > 1) {  // few tiles, many samples: split the samples too
-      chunks = (full + tiles - 1) / tiles;
-      chunks = chunks < samples ? chunks : samples;
-      chunk_samples = (samples + chunks - 1) / chunks;
-      chunks = (samples + chunk_samples - 1) / chunk_samples;
+      sample_chunks = (full + tiles - 1) / tiles;
+      sample_chunks = sample_chunks < samples ? sample_chunks : samples;
+      chunk_samples = (samples + sample_chunks - 1) / sample_chunks;
+      sample_chunks = (samples + chunk_samples - 1) / chunk_samples;
     }
-    grid = grid_for(per_sm, tiles * chunks, num_sms);
+    grid = grid_for(per_sm, tiles * sample_chunks, num_sms);
   }
   const bool fuse_final = reduced && grid == 1;
-  FV_LAUNCH(kernel, static_cast<unsigned>(grid), kThreads, target.stream, p, tiles, chunks, chunk_samples,
+  FV_LAUNCH(kernel, static_cast<unsigned>(grid), kThreads, target.stream, p, g, sample_chunks, chunk_samples,
             fuse_final);
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess || !reduced || fuse_final) return err;
 
   if (p.kl_mode == kKlPerSample) {
-    if (TILE % p.D == 0) return cudaSuccess;  // tile boundaries are row boundaries: no cut rows
+    if (g.chunks == 1) return cudaSuccess;  // the tiles wrote the row sums
+    constexpr auto rk = row_pass_kernel<acc_t>;
     int per_sm = 0;
-    if (p.D > kRowWarpSpan * TILE) {
-      constexpr auto fk = finalize_rows_warp_kernel<acc_t, TILE>;
-      const cudaError_t occ = resident_blocks_per_sm<fk>(target.device, &per_sm);
-      if (occ != cudaSuccess) return occ;
-      const int64_t blocks = grid_for(per_sm, (p.B + kWarps - 1) / kWarps, num_sms);
-      FV_LAUNCH(fk, static_cast<unsigned>(blocks), kThreads, target.stream, p.kl_out, p.workspace, p.B, p.D);
-    } else {
-      constexpr auto fk = finalize_rows_boundary_kernel<acc_t, TILE>;
-      const cudaError_t occ = resident_blocks_per_sm<fk>(target.device, &per_sm);
-      if (occ != cudaSuccess) return occ;
-      const int64_t blocks = grid_for(per_sm, (tiles - 1 + kThreads - 1) / kThreads, num_sms);
-      FV_LAUNCH(fk, static_cast<unsigned>(blocks), kThreads, target.stream, p.kl_out, p.workspace, tiles, p.D);
-    }
+    const cudaError_t occ = resident_blocks_per_sm<rk>(target.device, &per_sm);
+    if (occ != cudaSuccess) return occ;
+    const int64_t blocks = grid_for(per_sm, (p.B + kWarps - 1) / kWarps, num_sms);
+    FV_LAUNCH(rk, static_cast<unsigned>(blocks), kThreads, target.stream, p.kl_out, p.workspace, p.B, g.chunks);
   } else {
-    FV_LAUNCH(finalize_total_kernel<acc_t>, 1u, kThreads, target.stream, p.kl_out, p.workspace, tiles, p.B,
-              p.kl_mode == kKlBatchMean);
+    acc_t* const row_sums = p.workspace + (g.chunks > 1 ? p.B * g.chunks : 0);
+    FV_LAUNCH(finish_total_kernel<acc_t>, 1u, kThreads, target.stream, p.kl_out, p.workspace, row_sums, p.B,
+              g.chunks, p.kl_mode);
   }
   return cudaGetLastError();
 }

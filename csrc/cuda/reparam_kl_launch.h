@@ -6,9 +6,10 @@
 //
 // Data layout (the CPU backend's): mu / logvar contiguous, viewed as [B, D] rows with
 // N = B * D elements; z is [S, N]; element i of z's flat index uses Philox group i / 4,
-// lane i % 4. The work is cut into fixed tiles of kThreads * TileShape<T>::kVec elements
-// (one block-iteration each), so the reduction tree depends on the shape only, never on
-// the grid size: reduced KL is bitwise reproducible.
+// lane i % 4. The forward cuts the problem into row-aligned tiles (RowTiles below,
+// docs/design.md section 9) of at most kThreads * TileShape<T>::kVec elements; the
+// reduction tree depends on the shape only, never on the grid size, so the reduced KL is
+// bitwise reproducible.
 #pragma once
 
 #if defined(FUSED_VAE_CUDA_EMULATE)
@@ -56,7 +57,7 @@ struct FwdParams {
   T* z = nullptr;              // [S, N], null when num_samples == 0
   T* kl_elem = nullptr;        // [N] when kl_mode == kKlElementwise
   acc_t* kl_out = nullptr;     // [B] (per_sample) or [] (sum / batchmean)
-  acc_t* workspace = nullptr;  // fwd_workspace_elems<T>(N, kl_mode) elements
+  acc_t* workspace = nullptr;  // fwd_workspace_elems<T>(B, D, kl_mode) elements
   const int64_t* seed_ptr = nullptr;  // device pointer to the seed, or null:
   uint64_t seed_value = 0;            // then this value is used
   int64_t N = 0, B = 0, D = 0;
@@ -85,17 +86,60 @@ struct BwdParams {
   ClampSpec clamp;
 };
 
-// Tiles of the flat [N] problem.
+// Tiles of the flat [N] problem (the backward, which reduces nothing).
 template <typename T>
 inline int64_t num_tiles(int64_t N) {
   return (N + TileShape<T>::kElems - 1) / TileShape<T>::kElems;
 }
 
-// acc_t elements of scratch the forward needs (two partial sums per tile for the
-// per-sample and total reductions; nothing otherwise).
+// The forward's row-aligned tiles of an [R, C] view of the problem: [B, D] when the KL
+// is reduced, else one row [1, N]. A tile holds rows_per_tile whole rows (chunks == 1)
+// or one chunk of chunk_len elements of one row (chunks > 1; tile t is chunk t % chunks
+// of row t / chunks). Thread k of a tile owns the V elements from base + k * V, where
+// base is the tile's first element rounded down to a multiple of V, so that vector
+// accesses and Philox groups stay aligned; a tile therefore spans at most
+// TILE - (V - 1) elements when rows may start off a multiple of V.
+struct RowTiles {
+  int64_t rows = 0;           // R
+  int64_t cols = 0;           // C
+  int64_t rows_per_tile = 0;  // chunks == 1: whole rows per tile
+  int64_t chunks = 1;         // chunks per row
+  int64_t chunk_len = 0;      // chunks > 1: elements per chunk (a multiple of V)
+  int64_t tiles = 0;
+};
+
 template <typename T>
-inline int64_t fwd_workspace_elems(int64_t N, int64_t kl_mode) {
-  return kl_mode >= kKlPerSample ? 2 * num_tiles<T>(N) : 0;
+inline RowTiles row_tiles(int64_t R, int64_t C) {
+  constexpr int64_t V = TileShape<T>::kVec;
+  constexpr int64_t TILE = TileShape<T>::kElems;
+  RowTiles g;
+  g.rows = R;
+  g.cols = C;
+  const bool rows_aligned = R <= 1 || C % V == 0;
+  const int64_t span = rows_aligned ? TILE : TILE - (V - 1);
+  if (C <= span) {
+    g.rows_per_tile = span / C;
+    g.tiles = (R + g.rows_per_tile - 1) / g.rows_per_tile;
+  } else {
+    g.chunk_len = rows_aligned ? TILE : TILE - V;
+    g.chunks = (C + g.chunk_len - 1) / g.chunk_len;
+    g.tiles = R * g.chunks;
+  }
+  return g;
+}
+
+template <typename T>
+inline RowTiles fwd_tiles(int64_t B, int64_t D, int64_t N, int64_t kl_mode) {
+  return kl_mode >= kKlPerSample ? row_tiles<T>(B, D) : row_tiles<T>(1, N);
+}
+
+// acc_t elements of scratch the forward needs: the [B, chunks] partials when rows are
+// cut into chunks, then (sum / batchmean) the B row sums; nothing otherwise.
+template <typename T>
+inline int64_t fwd_workspace_elems(int64_t B, int64_t D, int64_t kl_mode) {
+  if (kl_mode < kKlPerSample) return 0;
+  const RowTiles g = row_tiles<T>(B, D);
+  return (g.chunks > 1 ? B * g.chunks : 0) + (kl_mode >= kKlSum ? B : 0);
 }
 
 // Where the kernels run: the device (its occupancy is queried once and cached), its

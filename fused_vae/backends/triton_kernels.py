@@ -4,19 +4,22 @@ Imported lazily (on the first call of a ``fused_vae::triton_reparam_kl_*`` op), 
 ``import fused_vae`` works without triton and ``TRITON_INTERPRET=1`` can be set any time
 before the first call: triton reads it when the kernels below are decorated.
 
-Layout. mu/logvar (made contiguous) are viewed as ``[R, C]`` rows: ``[B, D]`` when the KL
-is reduced per sample (forward ``per_sample``, backward with a per-sample grad_kl), else
-one flat row ``[1, N]``. A program owns ``ROWS`` rows by one chunk of ``4 * CH4``
-columns, held as a ``[ROWS, CH4, 4]`` tile so that the 4 lanes of a Philox group sit in
-the last dimension: when every row starts on a group boundary ("aligned") one
-``tl.randn4x`` call per group makes the noise of 4 elements. Otherwise (``D % 4 != 0``
-with several rows, or ``N % 4 != 0`` with several samples) each element computes its own
-group and picks its lane, which is 4x the Philox work but the same stream.
+Layout. mu/logvar (made contiguous) are viewed as ``[R, C]`` rows: ``[B, D]`` when a KL
+is reduced (forward ``per_sample`` / ``sum`` / ``batchmean``, backward with a per-sample
+grad_kl), else one flat row ``[1, N]``. A program owns ``ROWS`` whole rows, or one chunk
+of ``4 * CH4`` columns of one row, held as a ``[ROWS, CH4, 4]`` tile so that the 4 lanes
+of a Philox group sit in the last dimension: when every row starts on a group boundary
+("aligned") one ``tl.randn4x`` call per group makes the noise of 4 elements. Otherwise
+(``D % 4 != 0`` with several rows, or ``N % 4 != 0`` with several samples) each element
+computes its own group and picks its lane, which is 4x the Philox work but the same
+stream.
 
-Reductions are deterministic: a program sums its tile per row (fixed tree order) and
-writes the partial sums ``[R, NC]`` (NC chunks per row); a second small kernel sums
-each row's chunks in a fixed order. When a row fits one chunk the forward kernel writes
-the final value itself. No atomics.
+Reductions (docs/design.md section 9, the design of every backend): a program sums its
+tile per row (fixed tree order) and writes the row sums, or with rows cut into NC > 1
+chunks the partials ``[B, NC]`` in the accumulation dtype; the row pass
+(``_rowsum_kernel``) sums each row's chunks in a fixed order; ``sum`` / ``batchmean``
+(``_total_kernel``, one program) add the B row sums in float64 in a fixed order and
+divide by B for batchmean. No atomics.
 
 Offsets are int64 throughout; the seed is loaded from a device tensor (never read on
 the host). Math is float32 (float64 for float64 inputs); the noise is float32.
@@ -128,7 +131,6 @@ def _fwd_kernel(
     NC,
     lo: "fp64",
     hi: "fp64",
-    div: "fp64",
     ROWS: tl.constexpr,
     CH4: tl.constexpr,
     FLAT: tl.constexpr,
@@ -155,9 +157,9 @@ def _fwd_kernel(
         kl = tl.where(mask, kl, 0.0)
         row_sum = tl.sum(tl.sum(kl, axis=2), axis=1)  # [ROWS], fixed order
         rows = (pid // NC) * ROWS + tl.arange(0, ROWS)
-        if KL_FINAL:  # the row fits one chunk: final value (divided by B for batchmean)
-            tl.store(kl_ptr + rows, row_sum / _bound(div, IS_F64), mask=rows < R)
-        else:
+        if KL_FINAL:  # per_sample with whole rows per tile: the row sums are the output
+            tl.store(kl_ptr + rows, row_sum, mask=rows < R)
+        else:  # partials [R, NC] (the row sums when NC == 1)
             tl.store(part_ptr + rows * NC + pid % NC, row_sum, mask=rows < R)
     off = tl.zeros((), tl.int64)  # s * N, the flat offset of sample s
     while off < SN:  # (a while loop: triton 3.6's interpreter cannot range() over an argument)
@@ -235,10 +237,9 @@ def _bwd_kernel(
 
 
 @triton.jit
-def _rowsum_kernel(part_ptr, out_ptr, R, NC, div: "fp64", RB: tl.constexpr, CB: tl.constexpr, IS_F64: tl.constexpr):
-    """out[r] = sum_c part[r, c] / div, summed in a fixed order (deterministic)."""
-    pid = tl.program_id(0).to(tl.int64)
-    rows = pid * RB + tl.arange(0, RB)
+def _row_sums(part_ptr, rows, R, NC, RB: tl.constexpr, CB: tl.constexpr, IS_F64: tl.constexpr):
+    """[RB] sums of the rows' chunks part[r, :]: lane c adds chunks c, c + CB, ... in
+    order, then a fixed tree over the CB lanes (deterministic)."""
     rmask = rows < R
     if IS_F64:
         acc = tl.zeros([RB, CB], dtype=tl.float64)
@@ -250,8 +251,32 @@ def _rowsum_kernel(part_ptr, out_ptr, R, NC, div: "fp64", RB: tl.constexpr, CB: 
         ptrs = part_ptr + rows[:, None] * NC + cols[None, :]
         acc += tl.load(ptrs, mask=rmask[:, None] & (cols[None, :] < NC), other=0.0)
         c0 += CB
-    total = tl.sum(acc, axis=1) / _bound(div, IS_F64)
-    tl.store(out_ptr + rows, total, mask=rmask)
+    return tl.sum(acc, axis=1)
+
+
+@triton.jit
+def _rowsum_kernel(
+    part_ptr, out_ptr, R, NC, div: "fp64", RB: tl.constexpr, CB: tl.constexpr, IS_F64: tl.constexpr
+):
+    """Row pass of per_sample: out[r] = sum_c part[r, c] / div (div is 1 for per_sample)."""
+    rows = tl.program_id(0).to(tl.int64) * RB + tl.arange(0, RB)
+    row_sum = _row_sums(part_ptr, rows, R, NC, RB, CB, IS_F64) / _bound(div, IS_F64)
+    tl.store(out_ptr + rows, row_sum, mask=rows < R)
+
+
+@triton.jit
+def _total_kernel(
+    part_ptr, out_ptr, R, NC, div: "fp64", RB: tl.constexpr, CB: tl.constexpr, IS_F64: tl.constexpr
+):
+    """sum / batchmean, one program: the R row sums (of part[r, :]) added in float64 in a
+    fixed order, divided by div."""
+    total = tl.zeros([RB], dtype=tl.float64)
+    r0 = tl.zeros((), tl.int64)
+    while r0 < R:
+        rows = r0 + tl.arange(0, RB)
+        total += _row_sums(part_ptr, rows, R, NC, RB, CB, IS_F64).to(tl.float64)
+        r0 += RB
+    tl.store(out_ptr, (tl.sum(total, axis=0) / div).to(out_ptr.dtype.element_ty))
 
 
 INTERPRETED = isinstance(_fwd_kernel, _InterpretedFunction) if _InterpretedFunction else False
@@ -358,33 +383,40 @@ def reparam_kl_fwd(mu, logvar, seed, num_samples, kl_mode, clamp_lo, clamp_hi):
         return z, kl
     mu_c = mu.contiguous()
     lv_c = logvar.contiguous()
-    per_row = kl_mode == P.KL_PER_SAMPLE
-    p = plan(B, N // B) if per_row else plan(1, N)
-    div = P.kl_divisor(kl_mode, B)
-    final = reduced and p.NC == 1
+    p = plan(B, N // B) if reduced else plan(1, N)
+    # per_sample with whole rows per tile writes kl itself; else partials [B, NC]
+    final = kl_mode == P.KL_PER_SAMPLE and p.NC == 1
     part = mu_c.new_empty((p.rows, p.NC), dtype=acc) if reduced and not final else kl
     seed_t = seed.reshape(())
     with _device_guard(mu):
-        _launch_fwd(p, mu_c, lv_c, z, kl, part, seed_t, N, num_samples, kl_mode, div, clamp_lo, clamp_hi, final, acc)
+        _launch_fwd(p, mu_c, lv_c, z, kl, part, seed_t, N, num_samples, kl_mode, clamp_lo, clamp_hi, final, acc)
     return z, kl
 
 
-def _launch_fwd(p, mu_c, lv_c, z, kl, part, seed_t, N, num_samples, kl_mode, div, clamp_lo, clamp_hi, final, acc):
+def _launch_fwd(p, mu_c, lv_c, z, kl, part, seed_t, N, num_samples, kl_mode, clamp_lo, clamp_hi, final, acc):
     lo, hi, has_lo, has_hi = _bounds(clamp_lo, clamp_hi)
     reduced = P.is_reduced(kl_mode)
+    is_f64 = acc == torch.float64
     _fwd_kernel[(p.grid,)](
         mu_c, lv_c, z if num_samples > 0 else mu_c, kl if kl.numel() > 0 else mu_c, part if part.numel() else mu_c,
-        seed_t, p.rows, p.cols, N, num_samples * N, p.NC, lo, hi, div,
+        seed_t, p.rows, p.cols, N, num_samples * N, p.NC, lo, hi,
         ROWS=p.ROWS, CH4=p.CH4, FLAT=p.rows == 1, ALIGNED=_aligned(p, num_samples, N),
         HAS_LO=has_lo, HAS_HI=has_hi, KL_ELEM=kl_mode == P.KL_NONE, KL_RED=reduced,
-        KL_FINAL=final, IS_F64=acc == torch.float64, num_warps=p.num_warps,
+        KL_FINAL=final, IS_F64=is_f64, num_warps=p.num_warps,
     )  # fmt: skip
-    if reduced and not final:
-        cb = min(_next_pow2(p.NC), 4096 if p.rows == 1 else 256)
-        rb = max(1, min(_next_pow2(p.rows), 4096 // cb))
+    if not reduced or final:
+        return
+    cb = min(_next_pow2(p.NC), 256)
+    rb = max(1, min(_next_pow2(p.rows), 4096 // cb))
+    if kl_mode == P.KL_PER_SAMPLE:
         _rowsum_kernel[(math.ceil(p.rows / rb),)](
-            part, kl, p.rows, p.NC, div, RB=rb, CB=cb, IS_F64=acc == torch.float64, num_warps=max(1, min(8, rb * cb // 512))
+            part, kl, p.rows, p.NC, 1.0, RB=rb, CB=cb, IS_F64=is_f64, num_warps=max(1, min(8, rb * cb // 512))
         )
+    else:
+        _total_kernel[(1,)](
+            part, kl, p.rows, p.NC, P.kl_divisor(kl_mode, p.rows), RB=rb, CB=cb, IS_F64=is_f64,
+            num_warps=max(1, min(8, rb * cb // 512)),
+        )  # fmt: skip
 
 
 def reparam_kl_bwd(grad_z, grad_kl, mu, logvar, seed, num_samples, kl_mode, clamp_lo, clamp_hi):
