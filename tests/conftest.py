@@ -82,6 +82,24 @@ def backend(request):
     return request.param
 
 
+# The ops each (backend, device) case runs (the reference backend has none).
+_OP_PREFIX = {
+    ("cpu", "cpu"): "reparam_kl",
+    ("cuda", "cuda"): "reparam_kl",
+    ("cuda", "cpu"): "cuda_emu_reparam_kl",  # the emulated CUDA device
+    ("triton", "cuda"): "triton_reparam_kl",
+    ("triton", "cpu"): "triton_reparam_kl",
+}
+
+
+def backend_op_pair(backend_case):
+    """(forward op, backward op) of a (backend, device) case, or None for the reference."""
+    prefix = _OP_PREFIX.get(tuple(backend_case))
+    if prefix is None:
+        return None
+    return getattr(torch.ops.fused_vae, f"{prefix}_fwd"), getattr(torch.ops.fused_vae, f"{prefix}_bwd")
+
+
 def is_interpreted(backend_case) -> bool:
     """Triton on CPU runs in the (slow) interpreter: tests use smaller sizes there."""
     return backend_case == ("triton", "cpu")

@@ -15,18 +15,13 @@ import torch
 import fused_vae as fv
 from fused_vae.backends import protocol as P
 from fused_vae.backends import reference
-from conftest import make_inputs
-
-OPS = {"cpu": "reparam_kl", "cuda": "reparam_kl", "triton": "triton_reparam_kl"}
+from conftest import backend_op_pair, make_inputs
 
 
 def backend_ops(backend):
     """(forward, backward or None) of a backend, called with the protocol's arguments."""
-    name, device = backend
-    if name == "reference":
-        return reference.reparam_kl, None
-    prefix = OPS[name]
-    return getattr(torch.ops.fused_vae, f"{prefix}_fwd"), getattr(torch.ops.fused_vae, f"{prefix}_bwd")
+    ops = backend_op_pair(backend)
+    return (reference.reparam_kl, None) if ops is None else ops
 
 
 def _schema_args(name: str) -> str:

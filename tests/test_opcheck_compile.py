@@ -6,17 +6,14 @@ import pytest
 import torch
 
 import fused_vae as fv
-from conftest import make_inputs
-
-OP_PREFIX = {"cpu": "reparam_kl", "cuda": "reparam_kl", "triton": "triton_reparam_kl"}
+from conftest import backend_op_pair, make_inputs
 
 
 def compiled_backend_cases(backend):
-    name, device = backend
-    if name not in OP_PREFIX:
-        pytest.skip(f"{name} is not a torch.library op backend")
-    prefix = OP_PREFIX[name]
-    return getattr(torch.ops.fused_vae, f"{prefix}_fwd"), getattr(torch.ops.fused_vae, f"{prefix}_bwd"), device
+    ops = backend_op_pair(backend)
+    if ops is None:
+        pytest.skip(f"{backend[0]} is not a torch.library op backend")
+    return ops[0], ops[1], backend[1]
 
 
 FWD_ARGS = [

@@ -176,6 +176,15 @@ def test_reductions_are_deterministic(device, monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_total_kernel_adds_row_sums(device, dtype):
+    """sum / batchmean: one program adds the rows of [R, NC] partials, divided by div."""
+    part = torch.randn(7, 5, dtype=dtype, device=device)
+    out = torch.empty((), dtype=dtype, device=device)
+    K._total_kernel[(1,)](part, out, 7, 5, 7.0, RB=4, CB=4, IS_F64=dtype == torch.float64)
+    torch.testing.assert_close(out, part.double().sum().to(dtype) / 7)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_rowsum_kernel_loops_over_chunks(device, dtype):
     """The second-stage kernel sums [R, NC] partials per row in blocks of CB columns."""
     part = torch.randn(5, 37, dtype=dtype, device=device)
@@ -281,8 +290,9 @@ def test_kernels_compile_for_gpu_targets():
                 t = dict(ints, gz_ptr=P[d], gkl_ptr=P[d] if mode == 1 else acc, mu_ptr=P[d], lv_ptr=P[d],
                          gmu_ptr=P[d], glv_ptr=P[d], seed_ptr="*i64")
                 build(K._bwd_kernel, t, dict(common, HAS_GZ=True, GKL_MODE=mode), arch, 4)
-            build(K._rowsum_kernel, dict(part_ptr=acc, out_ptr=acc, R="i32", NC="i32", div="fp64"),
-                  dict(RB=4, CB=256, IS_F64=d == "f64"), arch, 2)
+            for kernel in (K._rowsum_kernel, K._total_kernel):
+                build(kernel, dict(part_ptr=acc, out_ptr=acc, R="i32", NC="i32", div="fp64"),
+                      dict(RB=4, CB=256, IS_F64=d == "f64"), arch, 2)
         print("OK", triton.__version__)
         """
     )
