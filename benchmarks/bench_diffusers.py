@@ -6,8 +6,9 @@ encoder's ``[B, 2C, H, W]`` output, ``sample()``, ``kl()``, and backpropagate bo
 so no loss kernels are timed). Also timed: the forward alone, and ``sample()`` under
 ``no_grad`` (encoding latents for diffusion training).
 
-Time: median over rounds in which the implementations take turns (one call each per
-round, torch.utils.benchmark.Timer), so load bursts on a shared machine hit both alike.
+Time: ``common.time_calls`` (the suite's one timing helper: torch.utils.benchmark.Timer
+blocks, the implementations taking turns), so load bursts on a shared machine hit both
+alike; medians and 10th percentiles.
 
 Memory, two ways:
 * ``held_bytes``: bytes of the tensors alive between forward and backward beyond the
@@ -33,10 +34,9 @@ import sys
 from pathlib import Path
 
 import torch
-from torch.utils.benchmark import Timer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS_DIR, environment, write_result  # noqa: E402
+from common import RESULTS_DIR, environment, time_calls, write_result  # noqa: E402
 
 import fused_vae.integrations.diffusers as fvd  # noqa: E402
 
@@ -102,7 +102,7 @@ def steps(cls, params, grad_z, grad_kl, seed):
     return {"forward": forward, "forward_backward": forward_backward, "sample_no_grad": sample_no_grad}
 
 
-def run_dtype(dtype, latent_shape, rounds, implementations):
+def run_dtype(dtype, latent_shape, rounds, min_run_time, implementations):
     batch, channels, *spatial = latent_shape
     g = torch.Generator().manual_seed(0)
     params = torch.randn(batch, 2 * channels, *spatial, generator=g).to(dtype).requires_grad_(True)
@@ -110,22 +110,18 @@ def run_dtype(dtype, latent_shape, rounds, implementations):
     grad_kl = torch.randn(batch, generator=g).to(dtype)
 
     fns = {name: steps(cls, params, grad_z, grad_kl, seed=1) for name, cls in implementations.items()}
-    times = {name: {case: [] for case in case_fns} for name, case_fns in fns.items()}
+    timings = time_calls(
+        {f"{name}/{case}": fn for name, case_fns in fns.items() for case, fn in case_fns.items()},
+        min_run_time=min_run_time,
+    )
     rss = {name: [] for name in fns}
-    for name, case_fns in fns.items():  # warm-up (extension load, first-touch pages)
-        for fn in case_fns.values():
-            fn()
-    for _ in range(rounds):
+    for _ in range(rounds):  # peak memory of one forward+backward, implementations in turn
         for name, case_fns in fns.items():
-            for case, fn in case_fns.items():
-                times[name][case].append(Timer("fn()", globals={"fn": fn}).timeit(1).raw_times[0])
             rss[name].append(peak_rss_delta_bytes(case_fns["forward_backward"]))
 
     result = {}
     for name, cls in implementations.items():
-        result[name] = {
-            case: {"median_s": statistics.median(ts), "min_s": min(ts), "times_s": ts} for case, ts in times[name].items()
-        }
+        result[name] = {case: timings[f"{name}/{case}"] for case in fns[name]}
         result[name]["held_bytes"] = held_bytes(cls, params, torch.Generator().manual_seed(2))
         result[name]["peak_rss_delta_bytes"] = int(statistics.median(rss[name]))
         result[name]["peak_rss_delta_bytes_all"] = rss[name]
@@ -141,12 +137,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", type=int, nargs="+", default=[8, 16, 128, 128], help="latent shape [B, C, ...]")
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
-    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--rounds", type=int, default=15, help="peak-memory measurements per implementation")
+    parser.add_argument("--min-run-time", type=float, default=3.0, help="seconds timed per implementation and case")
     parser.add_argument("--quick", action="store_true", help="[2, 4, 16, 16], 3 rounds, no result file")
     parser.add_argument("--out", type=Path, default=None, help="result file (default: results/diffusers-cpu-<date>.json)")
     args = parser.parse_args()
     if args.quick:
-        args.shape, args.rounds = [2, 4, 16, 16], 3
+        args.shape, args.rounds, args.min_run_time = [2, 4, 16, 16], 3, 0.2
 
     from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution as DiffusersPosterior
 
@@ -156,7 +153,9 @@ def main() -> None:
 
     results = {}
     for dtype_name in args.dtypes:
-        results[dtype_name] = run_dtype(getattr(torch, dtype_name), args.shape, args.rounds, implementations)
+        results[dtype_name] = run_dtype(
+            getattr(torch, dtype_name), args.shape, args.rounds, args.min_run_time, implementations
+        )
         r = results[dtype_name]
         print(f"{dtype_name} latent {args.shape}:")
         for case in ("forward", "forward_backward", "sample_no_grad"):
@@ -173,8 +172,8 @@ def main() -> None:
         "vs fused_vae.integrations.diffusers.DiagonalGaussianDistribution (default CPU backend)",
         "latent_shape": args.shape,
         "rounds": args.rounds,
-        "timing": "torch.utils.benchmark.Timer.timeit(1) per call; implementations take turns each round; "
-        "median over rounds",
+        "timing": "benchmarks/common.py time_calls: torch.utils.benchmark.Timer blocks, implementations "
+        f"and cases in turn, {args.min_run_time} s each; median and 10th percentile per call",
         "memory": "held_bytes: unique storages of tensors saved for backward (saved_tensors_hooks) and of the "
         "posterior's tensor attributes, excluding parameters and outputs; peak_rss_delta_bytes: VmHWM after "
         "clear_refs reset minus VmRSS before, one forward+backward, median over rounds, glibc mmap threshold "
