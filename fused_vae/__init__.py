@@ -4,7 +4,8 @@
     z, kl = fv.reparameterize_kl(mu, logvar)          # KL reduced with "batchmean"
     loss = recon_loss(decoder(z), x) + beta * kl
 
-Backends: "cpu" (C++), "cuda" (CUDA C++), "triton", "reference" (pure PyTorch).
+Backends: "cpu" (C++), "cuda" (CUDA C++), "triton", "reference" (pure PyTorch);
+``print(fv.available_backends())`` shows which run here. docs/design.md is the contract.
 """
 
 from .api import gaussian_kl, reparameterize, reparameterize_kl, standard_normal

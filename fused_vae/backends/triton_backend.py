@@ -2,10 +2,11 @@
 
 The ops are defined here with ``torch.library.custom_op`` (the schemas of
 :mod:`fused_vae.backends.protocol`) when fused_vae is imported; their fake (meta) impls
-and autograd come from :func:`fused_vae.backends.registration.register_pair`. Defining them needs no triton: the kernels live
-in :mod:`fused_vae.backends.triton_kernels`, imported on the first call of an op, so
-``import fused_vae`` works without triton and ``TRITON_INTERPRET=1`` (CPU tensors through
-the Triton interpreter) only has to be set before that first call.
+and autograd come from :func:`fused_vae.backends.registration.register_pair`. Defining
+them needs no triton: the kernels live in :mod:`fused_vae.backends.triton_kernels`,
+imported on the first call of an op, so ``import fused_vae`` works without triton and
+``TRITON_INTERPRET=1`` (CPU tensors through the Triton interpreter) only has to be set
+before that first call.
 
 Why ``custom_op`` and not ``torch.library.triton_op``: under ``TRITON_INTERPRET=1`` the
 kernels are ``InterpretedFunction`` objects, which ``wrap_triton`` cannot trace (torch 2.11
