@@ -13,7 +13,16 @@ import pytest
 import torch
 
 import fused_vae as fv
-from conftest import DTYPES, KL_TOL, REDUCED_KL_TOL, REDUCTIONS, Z_TOL, make_inputs
+from conftest import (
+    DTYPES,
+    KL_TOL,
+    REDUCED_KL_TOL,
+    REDUCTIONS,
+    Z_TOL,
+    assert_misaligned_matches_aligned,
+    make_inputs,
+    misaligned,
+)
 from independent import math64, reduce64
 
 pytestmark = [
@@ -43,15 +52,6 @@ def check_math(z, kl, mu, lv, seed, reduction, num_samples=None, clamp=None):
     assert kl.shape == expected.shape
     tol = KL_TOL[mu.dtype] if reduction == "none" else REDUCED_KL_TOL[mu.dtype]
     torch.testing.assert_close(kl.cpu().double(), expected, **tol)
-
-
-def misaligned(t: torch.Tensor, shift: int = 1) -> torch.Tensor:
-    """A contiguous copy of t whose data pointer is `shift` elements past an aligned one."""
-    base = torch.empty(t.numel() + 16, dtype=t.dtype, device=t.device)
-    out = base[shift : shift + t.numel()].view(t.shape)
-    out.copy_(t)
-    assert out.is_contiguous() and out.data_ptr() % 16 != 0
-    return out
 
 
 # ---- values against float64 math -------------------------------------------------------
@@ -126,16 +126,7 @@ def test_broadcast_output_gradients(reduction):
 def test_misaligned_inputs_match_aligned(shape, reduction, dtype):
     # The scalar-access kernel must give the bits of the vector one (same math, same tree).
     mu, lv = make_inputs(shape, dtype, DEV, seed=21, requires_grad=True)
-    z_a, kl_a = run(mu, lv, reduction, seed=4)
-    ga = torch.autograd.grad((z_a, kl_a), (mu, lv), (torch.ones_like(z_a) * 0.5, torch.ones_like(kl_a)))
-    mu_m = misaligned(mu.detach()).requires_grad_()
-    lv_m = misaligned(lv.detach(), 3).requires_grad_()
-    z_m, kl_m = run(mu_m, lv_m, reduction, seed=4)
-    gm = torch.autograd.grad((z_m, kl_m), (mu_m, lv_m), (torch.ones_like(z_m) * 0.5, torch.ones_like(kl_m)))
-    assert torch.equal(z_a, z_m)
-    assert torch.equal(kl_a, kl_m)
-    for a, m in zip(ga, gm):
-        assert torch.equal(a, m)
+    assert_misaligned_matches_aligned(run, mu, lv, reduction)
 
 
 def test_misaligned_output_gradient():

@@ -21,7 +21,16 @@ import re
 import pytest
 import torch
 
-from conftest import DTYPES, KL_TOL, REDUCED_KL_TOL, REDUCTIONS, Z_TOL, make_inputs
+from conftest import (
+    DTYPES,
+    KL_TOL,
+    REDUCED_KL_TOL,
+    REDUCTIONS,
+    Z_TOL,
+    assert_misaligned_matches_aligned,
+    make_inputs,
+    misaligned,
+)
 from independent import math64, reduce64, stream
 
 import fused_vae as fv
@@ -141,16 +150,6 @@ def test_broadcast_output_gradients(reduction, dtype):
         torch.testing.assert_close(got.double(), w, **Z_TOL[dtype])
 
 
-def misaligned(t: torch.Tensor, shift: int) -> torch.Tensor:
-    """A contiguous copy of t whose data pointer is `shift` elements past a 16-byte boundary."""
-    base = torch.empty(t.numel() + 16, dtype=t.dtype)
-    start = next(i for i in range(16) if (base.data_ptr() + i * t.element_size()) % 16 == 0) + shift
-    out = base[start : start + t.numel()].view(t.shape)
-    out.copy_(t)
-    assert out.data_ptr() % 16 != 0
-    return out
-
-
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_misaligned_inputs_take_the_scalar_path_with_the_same_bits(reduction, dtype):
@@ -159,16 +158,7 @@ def test_misaligned_inputs_take_the_scalar_path_with_the_same_bits(reduction, dt
     t = tile(dtype)
     for shape in ((7, 13), (5, 2 * t - 48)):
         mu, lv = make_inputs(shape, dtype, "cpu", seed=21, requires_grad=True)
-        z_a, kl_a = fwd(mu, lv, reduction, seed=4)
-        ga = torch.autograd.grad((z_a, kl_a), (mu, lv), (torch.ones_like(z_a) * 0.5, torch.ones_like(kl_a)))
-        mu_m = misaligned(mu.detach(), 1).requires_grad_()
-        lv_m = misaligned(lv.detach(), 3).requires_grad_()
-        z_m, kl_m = fwd(mu_m, lv_m, reduction, seed=4)
-        gm = torch.autograd.grad((z_m, kl_m), (mu_m, lv_m), (torch.ones_like(z_m) * 0.5, torch.ones_like(kl_m)))
-        assert torch.equal(z_a, z_m)
-        assert torch.equal(kl_a, kl_m)
-        for a, m in zip(ga, gm):
-            assert torch.equal(a, m)
+        assert_misaligned_matches_aligned(fwd, mu, lv, reduction)
 
 
 def test_misaligned_output_gradients():
