@@ -22,6 +22,16 @@ def check_pair(mu: object, logvar: object) -> None:
         TypeError: a non-tensor, an unsupported dtype, or differing dtypes.
         ValueError: a 0-d tensor, differing shapes or differing devices.
     """
+    if (  # the common case in one expression; any mistake takes the path below for its message
+        type(mu) is torch.Tensor
+        and type(logvar) is torch.Tensor
+        and mu.dtype in SUPPORTED_DTYPES
+        and logvar.dtype == mu.dtype
+        and logvar.shape == mu.shape
+        and mu.dim() >= 1
+        and logvar.device == mu.device
+    ):
+        return
     for name, t in (("mu", mu), ("logvar", logvar)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
