@@ -40,7 +40,7 @@ def _run(mu, logvar, seed, num_samples, kl_mode, logvar_clamp, backend):
     if num_samples == 0:  # gaussian_kl: the op takes a seed it does not read
         seed_t = _kl_seeds.get(device)
         if seed_t is None:
-            seed_t = _kl_seeds.setdefault(device, torch.zeros((), dtype=torch.int64, device=device))
+            seed_t = _kl_seeds[device] = torch.zeros((), dtype=torch.int64, device=device)
     else:
         seed_t = V.seed_tensor(seed, device)
     if _transform_active():

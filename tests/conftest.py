@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import torch
 
@@ -20,6 +24,8 @@ import pytest  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402
 
 import fused_vae as fv  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
 
 # The `backend` fixture is a constant (name, device) pair, safe to share across examples.
 settings.register_profile(
@@ -124,6 +130,16 @@ def assert_misaligned_matches_aligned(fwd, mu, lv, reduction, seed=4):
     assert torch.equal(kl_a, kl_m)
     for a, m in zip(ga, gm):
         assert torch.equal(a, m)
+
+
+def run_python(code: str, **env) -> subprocess.CompletedProcess:
+    """Runs ``code`` (dedented) in a fresh interpreter on this source tree, with extra
+    environment variables and no FUSED_VAE_BACKEND; stdout and stderr are captured."""
+    full_env = {**os.environ, "PYTHONPATH": str(ROOT), **env}
+    full_env.pop("FUSED_VAE_BACKEND", None)
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, env=full_env, timeout=600
+    )
 
 
 def is_interpreted(backend_case) -> bool:

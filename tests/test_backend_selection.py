@@ -2,19 +2,12 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import textwrap
-from pathlib import Path
-
 import pytest
 import torch
 
 import fused_vae as fv
+from conftest import run_python
 from fused_vae import backends
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_available_backends_reports_every_backend():
@@ -60,13 +53,6 @@ def test_meta_tensors_use_reference_shapes():
     z, kl = fv.reparameterize_kl(mu, mu, reduction="per_sample", backend="reference")
     assert z.shape == (3, 4) and kl.shape == (3,)
 
-
-def run_python(code: str, **env) -> subprocess.CompletedProcess:
-    full_env = {**os.environ, "PYTHONPATH": str(ROOT), **env}
-    full_env.pop("FUSED_VAE_BACKEND", None)
-    return subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, env=full_env, timeout=300
-    )
 
 
 def test_fallback_to_reference_warns_once_when_extension_unavailable():

@@ -2,26 +2,12 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import textwrap
-from pathlib import Path
-
 import pytest
 
 import fused_vae as fv
+from conftest import run_python
 from fused_vae.backends import build
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def run_python(code: str, **env) -> subprocess.CompletedProcess:
-    full_env = {**os.environ, "PYTHONPATH": str(ROOT), **env}
-    full_env.pop("FUSED_VAE_BACKEND", None)
-    return subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, env=full_env, timeout=600
-    )
 
 
 def test_failure_cause_keeps_the_reason_not_the_command_line():

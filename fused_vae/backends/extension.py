@@ -37,4 +37,3 @@ class ExtensionBackend:
         if self.device_type == "cuda" and mu.device.type == "cpu":
             return cuda_emulation.reparam_kl(mu, logvar, seed, num_samples, kl_mode, clamp_lo, clamp_hi)
         return torch.ops.fused_vae.reparam_kl_fwd(mu, logvar, seed, num_samples, kl_mode, clamp_lo, clamp_hi)
-

@@ -56,16 +56,16 @@ def _grad_alias(t: torch.Tensor | None) -> torch.Tensor | None:
     return t.view_as(t) if t.requires_grad else t.detach().requires_grad_()
 
 
-def composite_vjp(grad_z, grad_kl, mu, logvar, eps, kl_mode, clamp_lo, clamp_hi, create_graph):
+def composite_vjp(grad_z, grad_kl, mu, logvar, eps, kl_mode, clamp_lo, clamp_hi):
     """(grad_mu, grad_logvar) of the composite op for incoming (grad_z, grad_kl) (either may
-    be None), differentiable in all four tensors when ``create_graph``."""
+    be None), as a graph differentiable in all four tensors."""
     with torch.enable_grad():
         m, lv = _grad_alias(mu), _grad_alias(logvar)
         z, kl = forward_from_eps(m, lv, eps if grad_z is not None else None, kl_mode, clamp_lo, clamp_hi)
         pairs = [(o, g) for o, g in ((z, grad_z), (kl, grad_kl)) if g is not None]
         grads = torch.autograd.grad(
             [o for o, _ in pairs], (m, lv), [g.reshape(o.shape) for o, g in pairs],
-            create_graph=create_graph, allow_unused=True,
+            create_graph=True, allow_unused=True,
         )  # fmt: skip
     return tuple(torch.zeros_like(mu) if g is None else g for g in grads)
 
@@ -113,7 +113,7 @@ def register_pair(fwd_name: str, bwd_name: str, *, python_autograd: bool) -> Non
         eps = backend_noise(fwd_op, mu, seed, num_samples) if grad_z is not None else None
         with torch.enable_grad():
             leaves = [_grad_alias(t) for t in (grad_z, grad_kl, mu, logvar)]
-            first = composite_vjp(*leaves, eps, kl_mode, clamp_lo, clamp_hi, create_graph=True)
+            first = composite_vjp(*leaves, eps, kl_mode, clamp_lo, clamp_hi)
             pairs = [(f, g) for f, g in zip(first, (gg_mu, gg_logvar)) if g is not None and f.requires_grad]
             wrt = [t for t in leaves if t is not None]
             if not pairs:

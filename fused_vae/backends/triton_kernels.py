@@ -255,12 +255,10 @@ def _row_sums(part_ptr, rows, R, NC, RB: tl.constexpr, CB: tl.constexpr, IS_F64:
 
 
 @triton.jit
-def _rowsum_kernel(
-    part_ptr, out_ptr, R, NC, div: "fp64", RB: tl.constexpr, CB: tl.constexpr, IS_F64: tl.constexpr
-):
-    """Row pass of per_sample: out[r] = sum_c part[r, c] / div (div is 1 for per_sample)."""
+def _rowsum_kernel(part_ptr, out_ptr, R, NC, RB: tl.constexpr, CB: tl.constexpr, IS_F64: tl.constexpr):
+    """Row pass of per_sample: out[r] = sum_c part[r, c]."""
     rows = tl.program_id(0).to(tl.int64) * RB + tl.arange(0, RB)
-    row_sum = _row_sums(part_ptr, rows, R, NC, RB, CB, IS_F64) / _bound(div, IS_F64)
+    row_sum = _row_sums(part_ptr, rows, R, NC, RB, CB, IS_F64)
     tl.store(out_ptr + rows, row_sum, mask=rows < R)
 
 
@@ -410,7 +408,7 @@ def _launch_fwd(p, mu_c, lv_c, z, kl, part, seed_t, N, num_samples, kl_mode, cla
     rb = max(1, min(_next_pow2(p.rows), 4096 // cb))
     if kl_mode == P.KL_PER_SAMPLE:
         _rowsum_kernel[(math.ceil(p.rows / rb),)](
-            part, kl, p.rows, p.NC, 1.0, RB=rb, CB=cb, IS_F64=is_f64, num_warps=max(1, min(8, rb * cb // 512))
+            part, kl, p.rows, p.NC, RB=rb, CB=cb, IS_F64=is_f64, num_warps=max(1, min(8, rb * cb // 512))
         )
     else:
         _total_kernel[(1,)](
