@@ -16,7 +16,8 @@
 #   contract          the shared contract suite on the device (-k "$CONTRACT_K")
 #   bandwidth         benchmarks/bandwidth.py: fwd and fwd+bwd at 64M elements vs. copy
 #   bench_gpu         benchmarks/bench_gpu.py --quick at the target sizes
-#   sanitizer_driver  benchmarks/sanitizer_driver.py alone (every kernel path, small sizes)
+#   sanitizer_driver  benchmarks/sanitizer_driver.py alone (every path of the CUDA kernels,
+#                     small sizes): seconds, and it proves the driver before the sanitizer
 #   sanitizer_<tool>  the driver under compute-sanitizer memcheck / racecheck / synccheck /
 #                     initcheck (cuda backend; SANITIZER_SHARDS processes per tool) and
 #                     memcheck of the triton backend, all in parallel
@@ -33,7 +34,8 @@
 #
 # --dry-run: FUSED_VAE_CUDA_EMULATE=1, TRITON_INTERPRET=1, CPU tensors, tiny sizes; the
 # pytest steps only collect their selection (the tests run in CI anyway); nvidia-smi,
-# compute-sanitizer and ncu are skipped and the summary says so.
+# compute-sanitizer and ncu are skipped and the summary says so (the drivers they would
+# run still run alone: sanitizer_driver, sanitizer_memcheck_triton, ncu).
 #
 # Environment: OUT, GPU_CHECKS_WORK, BUDGET_S, MIN_STEP_S, LIMIT_<step> (whole seconds,
 # e.g. LIMIT_build=300), GPU_TESTS (pytest paths), GPU_MARK, CONTRACT_K, PYTEST_WORKERS,
@@ -233,7 +235,7 @@ else
 fi
 
 DRIVER=("$PY" benchmarks/sanitizer_driver.py --device "$DEV" --size "$SIZE")
-step sanitizer_driver 60 - "${DRIVER[@]}" --backends cuda,triton
+step sanitizer_driver 45 - "${DRIVER[@]}" --backends cuda
 NO_SANITIZER="compute-sanitizer is a hardware tool (dry run); the driver ran alone in step sanitizer_driver"
 i=0
 for tool in $SANITIZER_TOOLS; do
@@ -248,8 +250,8 @@ for tool in $SANITIZER_TOOLS; do
     fi
   done
 done
-if [ "$DRY" = 1 ]; then
-  skip_tool_step sanitizer_memcheck_triton compute-sanitizer "$NO_SANITIZER"
+if [ "$DRY" = 1 ]; then  # no other step runs the driver's triton cases: they run alone here
+  step sanitizer_memcheck_triton 120 compute-sanitizer "${DRIVER[@]}" --backends triton
 else
   start_job sanitizer_memcheck_triton 150 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck \
     --error-exitcode 9 "${DRIVER[@]}" --backends triton

@@ -1,12 +1,12 @@
 """A short run over every kernel path of the fused ops, for compute-sanitizer.
 
 Calls the ops of docs/design.md section 8 directly (forward, backward, the backward with
-expanded or absent output gradients) for every case of :func:`cases`: each dtype x
-each shape of the size's table (every tiling path of the CUDA kernels, see SHAPES) x
-each KL mode, with the number of samples (0, 1, 3), the alignment (16-byte aligned or
-one element past it) and the logvar clamp cycled over the cases so that each pair of
-dtype, shape and mode meets every sample count, and most pairs meet both alignments.
-Every output must be finite (the emulated device fills outputs with NaN first, so an
+expanded or absent output gradients) for every case of :func:`cases`: each dtype x each
+shape of the (size, backend) table (CUDA_SHAPES reach every tiling path of the CUDA
+kernels) x each KL mode, with the number of samples (0, 1, 3), the alignment (16-byte
+aligned or one element past it) and the logvar clamp cycled over the cases; in the full
+CUDA table every pair of dtype, shape and KL mode meets every sample count (samples 0
+only with a KL) and both alignments. Every output must be finite (the emulated device fills outputs with NaN first, so an
 element that no thread writes fails there). Prints each case before running it, so a
 sanitizer report can be matched to its case.
 
@@ -33,24 +33,28 @@ from dataclasses import dataclass
 # Tile sizes of the CUDA kernels (csrc/cuda/reparam_kl_launch.h): 1024 elements for
 # float32 / float64, 2048 for 16-bit types; one block finishes alone when
 # tiles x samples <= 8.
-SHAPES = {
-    "full": [
-        (5, 3),  # rows of 3 (< 32 lanes, not a multiple of the vector width); one fused block
-        (7, 13),  # ragged tail; with several samples N % 4 != 0 forces the scalar path
-        (5000,),  # D = 1
-        (128, 32),  # several whole-row tiles: multi-block with samples, split samples
-        (3, 1000),  # one row per tile (32-bit types), two per tile (16-bit)
-        (40, 3000),  # rows cut into chunks over many blocks: the row-pass and total kernels
-        (2, 40000),  # more than 32 chunks per row for 32-bit types (the row pass loops)
-        (2, 70000),  # more than 32 chunks per row for 16-bit types
-    ],
-    # Dry run on the emulated device and the interpreter (both are slow): one fused block,
-    # a ragged tail, rows cut into chunks.
-    "tiny": [(5, 3), (7, 13), (2, 2100)],
+CUDA_SHAPES = [
+    (5, 3),  # rows of 3 (< 32 lanes, not a multiple of the vector width); one fused block
+    (7, 13),  # ragged tail; with several samples N % 4 != 0 forces the scalar path
+    (5000,),  # D = 1
+    (128, 32),  # several whole-row tiles: multi-block with samples, split samples
+    (3, 1000),  # one row per tile (32-bit types), two per tile (16-bit)
+    (40, 3000),  # rows cut into chunks over many blocks: the row-pass and total kernels
+    (2, 40000),  # more than 32 chunks per row for 32-bit types (the row pass loops)
+    (2, 70000),  # more than 32 chunks per row for 16-bit types
+]
+# (dtypes, shapes) per (size, backend). Triton compiles a kernel per dtype, tile shape and
+# flag set (seconds each): its table keeps one 32-bit and one 16-bit type, one program,
+# several programs, and rows cut into chunks (the row-sum and total kernels). The tiny
+# size is the dry run on the emulated device and the interpreter (both slow; the
+# interpreter slower still).
+TABLES = {
+    ("full", "cuda"): (("float32", "float64", "float16", "bfloat16"), CUDA_SHAPES),
+    ("full", "triton"): (("float32", "bfloat16"), [(7, 13), (128, 32), (40, 3000), (2, 70000)]),
+    ("tiny", "cuda"): (("float32", "bfloat16"), [(5, 3), (7, 13), (2, 2100)]),
+    ("tiny", "triton"): (("float32",), [(7, 13)]),
 }
-DTYPES = {"full": ("float32", "float64", "float16", "bfloat16"), "tiny": ("float32", "bfloat16")}
-# The Triton interpreter is slower still: its tiny run takes float32 and the ragged shape.
-TINY_INTERPRETED = {"dtypes": ("float32",), "shapes": ((7, 13),)}
+SIZES = ("full", "tiny")
 SAMPLES = (0, 1, 3)
 KL_MODES = range(5)  # skip, none, per_sample, sum, batchmean (docs/design.md section 8.2)
 CLAMP = (-1.0, 1.0)
@@ -78,17 +82,13 @@ class Case:
                 f"shift={self.shift} clamp={self.clamp}")
 
 
-def cases(size: str, backends: list[str], device: str) -> list[Case]:
+def cases(size: str, backends: list[str]) -> list[Case]:
     """The cases for ``size`` ('full' or 'tiny'), backend by backend (see the module docstring)."""
     out = []
     for backend in backends:
-        interpreted = backend == "triton" and device == "cpu"
-        for di, dtype in enumerate(DTYPES[size]):
-            for si, shape in enumerate(SHAPES[size]):
-                if size == "tiny" and interpreted and (
-                    dtype not in TINY_INTERPRETED["dtypes"] or shape not in TINY_INTERPRETED["shapes"]
-                ):
-                    continue
+        dtypes, shapes = TABLES[(size, backend)]
+        for di, dtype in enumerate(dtypes):
+            for si, shape in enumerate(shapes):
                 for mode in KL_MODES:
                     samples = SAMPLES[(di + si + mode) % len(SAMPLES)]
                     if samples == 0 and mode == 0:
@@ -140,7 +140,7 @@ def run_case(case: Case, device: str):
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cuda", choices=("cuda", "cpu"), help="cuda, or cpu for the emulated device / interpreter")
-    p.add_argument("--size", default="full", choices=sorted(SHAPES), help="full (GPU) or tiny (dry run)")
+    p.add_argument("--size", default="full", choices=SIZES, help="full (GPU) or tiny (dry run)")
     p.add_argument("--backends", default="cuda", help="comma list of cuda, triton")
     p.add_argument("--shard", default="1/1", help="K/N: run every N-th case from the K-th")
     args = p.parse_args(argv)
@@ -157,7 +157,7 @@ def main(argv=None) -> int:
         if not (info[b].available and args.device in info[b].devices):
             print(f"backend {b} cannot run on {args.device}: {info[b].reason or 'device not supported'}", file=sys.stderr)
             return 2
-    todo = shard(cases(args.size, backends, args.device), args.shard)
+    todo = shard(cases(args.size, backends), args.shard)
     torch.manual_seed(0)
     t0 = time.time()
     flags = []

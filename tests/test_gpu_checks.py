@@ -25,6 +25,7 @@ SCRIPT = ROOT / "benchmarks" / "gpu_checks.sh"
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import gpu_checks  # noqa: E402
+import sanitizer_driver  # noqa: E402
 
 SANITIZER_STEPS = [f"sanitizer_{tool}_{k}of2" for tool in ("memcheck", "racecheck", "synccheck", "initcheck") for k in (1, 2)]
 STEPS = ["env", "build", "gpu_tests", "contract", "bandwidth", "bench_gpu", "sanitizer_driver", *SANITIZER_STEPS,
@@ -86,16 +87,18 @@ def test_dry_run_runs_every_step_but_the_hardware_tools(dry_run):
     summary, _ = dry_run
     assert summary["mode"] == "dry-run" and summary["finished"] and summary["status"] == "ok"
     steps = steps_by_name(summary)
-    for name in ["sanitizer_memcheck_triton", *SANITIZER_STEPS]:
+    for name in SANITIZER_STEPS:  # the cuda driver ran alone in sanitizer_driver
         assert steps[name]["status"] == "skipped" and steps[name]["skipped_tools"] == ["compute-sanitizer"]
-        assert "rc" not in steps[name] or steps[name]["rc"] is None
+        assert steps[name]["rc"] is None
     ran = [s for s in steps.values() if s["status"] != "skipped"]
-    assert [s["name"] for s in ran] == ["env", "build", "gpu_tests", "contract", "bandwidth", "bench_gpu", "sanitizer_driver", "ncu"]
+    assert [s["name"] for s in ran] == ["env", "build", "gpu_tests", "contract", "bandwidth", "bench_gpu", "sanitizer_driver",
+                                        "sanitizer_memcheck_triton", "ncu"]
     for s in ran:
         assert (s["status"], s["rc"], s["timed_out"]) == ("ok", 0, False), s
         assert s["seconds"] <= s["limit_s"]
-    assert steps["env"]["skipped_tools"] == ["nvidia-smi"]
-    assert steps["ncu"]["skipped_tools"] == ["ncu"]
+    # The hardware tools left out of the steps that ran; their drivers ran alone.
+    assert {s["name"]: s["skipped_tools"] for s in ran if "skipped_tools" in s} == {
+        "env": ["nvidia-smi"], "sanitizer_memcheck_triton": ["compute-sanitizer"], "ncu": ["ncu"]}
 
 
 def test_dry_run_key_numbers_and_environment(dry_run):
@@ -104,7 +107,8 @@ def test_dry_run_key_numbers_and_environment(dry_run):
     assert steps["build"]["key"]["backends_ok"]
     for name in ("gpu_tests", "contract"):  # the selections are not empty
         assert steps[name]["key"]["pytest"]["collected"] > 0
-    assert steps["sanitizer_driver"]["key"]["driver"].startswith("driver ok")
+    for name, backend in (("sanitizer_driver", "cuda"), ("sanitizer_memcheck_triton", "triton")):
+        assert steps[name]["key"]["driver"].startswith(f"driver ok: {len(sanitizer_driver.cases('tiny', [backend]))}/")
     assert steps["bandwidth"]["key"]["complete"]
     assert set(steps["bandwidth"]["key"]["fwd_bwd_fraction_of_copy"]) == {f"cuda float32 {r}" for r in ("batchmean", "per_sample", "none")}
     assert steps["bench_gpu"]["key"]["complete"] and steps["bench_gpu"]["key"]["errors"] == []
@@ -192,7 +196,7 @@ def test_spent_budget_leaves_valid_files_with_every_step_not_run(tmp_path):
     for s in steps_by_name(summary).values():
         assert s["status"] in ("no_time", "skipped"), s
     assert [s["name"] for s in summary["steps"] if s["status"] == "no_time"] == [
-        "env", "build", "gpu_tests", "contract", "bandwidth", "bench_gpu", "sanitizer_driver", "ncu"]
+        "env", "build", "gpu_tests", "contract", "bandwidth", "bench_gpu", "sanitizer_driver", "sanitizer_memcheck_triton", "ncu"]
     assert all(not name.endswith(".log") for name in members)
 
 
@@ -233,3 +237,25 @@ ptxas info    : Used 80 registers, used 1 barriers, 8288 bytes smem
 backends ok on cuda: cuda,triton
 """
     assert gpu_checks.build_keys(log, Path()) == {"backends_ok": True, "ptxas": {"kernels": 2, "max_registers": 110, "spill_bytes": 8}}
+
+
+# --------------------------------------------------------------------------- the sanitizer driver's cases
+
+
+def test_sanitizer_cases_cover_every_pair_and_shards_split_them():
+    full = sanitizer_driver.cases("full", ["cuda"])
+    dtypes, shapes = sanitizer_driver.TABLES[("full", "cuda")]
+    assert {(c.dtype, c.shape, c.kl_mode) for c in full} == {(d, s, m) for d in dtypes for s in shapes for m in range(5)}
+    assert len(full) == len(dtypes) * len(shapes) * 5
+    for first, second in (("dtype", "shape"), ("dtype", "kl_mode"), ("shape", "kl_mode")):
+        pairs = {}
+        for c in full:
+            pairs.setdefault((getattr(c, first), getattr(c, second)), set()).add((c.num_samples, c.shift))
+        for key, seen in pairs.items():
+            samples = {n for n, _ in seen}
+            assert samples == ({1, 3} if second == "kl_mode" and key[1] == 0 else {0, 1, 3}), (first, second, key)
+            assert {s for _, s in seen} == {0, 1}, (first, second, key)
+    shards = [sanitizer_driver.shard(full, f"{k}/3") for k in (1, 2, 3)]
+    assert sorted(map(str, sum(shards, []))) == sorted(map(str, full))
+    with pytest.raises(SystemExit, match="1 <= K <= N"):
+        sanitizer_driver.shard(full, "4/3")
