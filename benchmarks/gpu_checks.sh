@@ -79,13 +79,6 @@ PER_TEST_TIMEOUT=${PER_TEST_TIMEOUT:-120}
 SANITIZER_SHARDS=${SANITIZER_SHARDS:-2}
 SANITIZER_TOOLS="memcheck racecheck synccheck initcheck"
 
-OUT=${OUT:-benchmarks/results/gpu-checks-$(date -u +%Y%m%dT%H%M%SZ)}
-WORK=${GPU_CHECKS_WORK:-$(mktemp -d "${TMPDIR:-/tmp}/gpu-checks.XXXXXX")}
-mkdir -p "$OUT" "$WORK/logs" || exit 2
-SUMMARY=$OUT/gpu_checks_summary.json
-ARCHIVE=$OUT/gpu_checks_logs.tar.gz
-HELPER=(benchmarks/gpu_checks.py --summary "$SUMMARY" --archive "$ARCHIVE" --work "$WORK")
-
 SAN_STEPS=()
 for tool in $SANITIZER_TOOLS; do
   for ((k = 1; k <= SANITIZER_SHARDS; k++)); do
@@ -94,6 +87,19 @@ for tool in $SANITIZER_TOOLS; do
 done
 SAN_STEPS+=(sanitizer_memcheck_triton)
 STEPS=(env build gpu_tests contract bandwidth bench_gpu sanitizer_driver "${SAN_STEPS[@]}" ncu)
+STEP_LIST=$(IFS=,; echo "${STEPS[*]}")
+for name in ${ONLY//,/ }; do
+  [[ ",$STEP_LIST," == *",$name,"* ]] || { echo "gpu_checks.sh: --only: no step $name (steps: $STEP_LIST)" >&2; exit 2; }
+done
+
+OUT=${OUT:-benchmarks/results/gpu-checks-$(date -u +%Y%m%dT%H%M%SZ)}
+WORK=${GPU_CHECKS_WORK:-$(mktemp -d "${TMPDIR:-/tmp}/gpu-checks.XXXXXX")}
+mkdir -p "$OUT" "$WORK/logs" || exit 2
+SUMMARY=$OUT/gpu_checks_summary.json
+ARCHIVE=$OUT/gpu_checks_logs.tar.gz
+helper() {  # helper SUBCOMMAND [options]: benchmarks/gpu_checks.py on this run's files
+  "$PY" benchmarks/gpu_checks.py "$1" --summary "$SUMMARY" --archive "$ARCHIVE" --work "$WORK" "${@:2}"
+}
 
 # pytest: plugins of the GPU machine's image when present; in a dry run only the selection.
 PYTEST=("$PY" -m pytest -rfEs -p no:cacheprovider --durations=15)
@@ -107,12 +113,11 @@ fi
 
 NOTES=(--note "python: $PY")
 [ "$DRY" = 1 ] && NOTES+=(--note "dry run: emulated CUDA device (FUSED_VAE_CUDA_EMULATE=1) and Triton interpreter (TRITON_INTERPRET=1) on CPU tensors, tiny sizes; pytest steps only collect; nvidia-smi, compute-sanitizer and ncu skipped")
-STEP_LIST=$(IFS=,; echo "${STEPS[*]}")
-"$PY" "${HELPER[0]}" init "${HELPER[@]:1}" --mode "$MODE" --budget "$BUDGET_S" --steps "$STEP_LIST" "${NOTES[@]}" || exit 2
+helper init --mode "$MODE" --budget "$BUDGET_S" --steps "$STEP_LIST" "${NOTES[@]}" || exit 2
 DEADLINE=$((SECONDS + BUDGET_S))
 
 record() {  # record NAME [helper record options]
-  "$PY" "${HELPER[0]}" record "${HELPER[@]:1}" --name "$@" || echo "gpu_checks: could not record $1" >&2
+  helper record --name "$@" || echo "gpu_checks: could not record $1" >&2
 }
 
 selected() {  # selected NAME: true when --only is unset or names NAME
@@ -122,7 +127,8 @@ selected() {  # selected NAME: true when --only is unset or names NAME
 limit_for() {  # limit_for NAME DEFAULT: LIMIT_<NAME> or DEFAULT, cut to the budget left (seconds)
   local var="LIMIT_$1"
   local lim=${!var:-$2} left=$((DEADLINE - SECONDS))
-  echo $((lim < left ? lim : left))
+  lim=$((lim < left ? lim : left))
+  echo $((lim < 1 ? 1 : lim))  # timeout 0 would mean no limit
 }
 
 can_start() {  # can_start NAME: records skipped / no_time and fails when the step must not run
@@ -146,7 +152,7 @@ on_signal() {
   wait 2>/dev/null
   [ -n "$CURRENT" ] && record "$CURRENT" --status interrupted --rc 143 --seconds $((SECONDS - CURRENT_T0)) --reason "gpu_checks.sh was stopped"
   for pid in "${!JOB_NAME[@]}"; do record "${JOB_NAME[$pid]}" --status interrupted --reason "gpu_checks.sh was stopped"; done
-  "$PY" "${HELPER[0]}" finish "${HELPER[@]:1}"
+  helper finish
   exit 1
 }
 declare -A JOB_NAME=() JOB_T0=() JOB_LIM=() JOB_CMD=()
@@ -258,13 +264,14 @@ else
   wait_jobs
 fi
 
-PROFILE=("$PY" benchmarks/bandwidth.py --device "$DEV" --size "$SIZE" --profile --backends cuda,triton)
+PROFILE=("$PY" benchmarks/bandwidth.py --device "$DEV" --size "$SIZE" --profile --backends "cuda,triton")
 if [ "$DRY" = 1 ]; then
   step ncu 120 ncu "${PROFILE[@]}"
 else
+  # shellcheck disable=SC2016  # $0 and $@ belong to the inner bash
   step ncu 90 - bash -c 'ncu --clock-control none --kernel-name "regex:(_fwd|_bwd|_rowsum|_total|row_pass)_kernel" \
       --launch-count 64 --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy --section LaunchStats \
       -f -o "$0/ncu_bandwidth" "${@}" && ncu --import "$0/ncu_bandwidth.ncu-rep" --page details' "$WORK" "${PROFILE[@]}"
 fi
 
-"$PY" "${HELPER[0]}" finish "${HELPER[@]:1}"
+helper finish
