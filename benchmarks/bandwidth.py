@@ -44,6 +44,7 @@ def elements_moved(reduction: str) -> dict[str, int]:
 
 
 def main(argv=None) -> int:
+    """Command line entry (see the module docstring); returns the exit status."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     p.add_argument("--size", default="full", choices=sorted(SIZES))

@@ -7,6 +7,7 @@ Subcommands (the script calls them; stdlib only, except ``env`` and ``build``):
   tail of its log and its key numbers), then rewrites the summary and the archive.
   Both are written to a temporary name and renamed, so whenever the script is killed
   ``$OUT`` holds a valid summary and a valid archive of everything finished so far.
+- ``note``: adds a line to the summary's notes.
 - ``finish``: marks the run finished with its overall status.
 - ``env``: the environment (benchmarks/common.py's record, the GPU and its driver from
   nvidia-smi, the tools' versions) as JSON; the summary takes it on the next ``record``.
@@ -41,6 +42,7 @@ TIMEOUT_RCS = (124, 137)  # GNU timeout: SIGTERM sent at the limit, SIGKILL afte
 
 
 def now() -> str:
+    """The current UTC time, ISO 8601 to the second."""
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
@@ -174,6 +176,7 @@ def key_function(name: str):
 
 
 def read_json(path: Path):
+    """The JSON in ``path``, or None when it is missing or not JSON (a step cut off mid-write)."""
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError):
@@ -205,6 +208,7 @@ def save(summary: dict, summary_path: Path, archive_path: Path, work: Path) -> N
 
 
 def cmd_init(a) -> int:
+    """Writes the summary with every planned step pending, and an empty archive."""
     work = Path(a.work)
     (work / LOG_DIR).mkdir(parents=True, exist_ok=True)
     summary = {
@@ -223,6 +227,7 @@ def cmd_init(a) -> int:
 
 
 def cmd_record(a) -> int:
+    """Stores one step's outcome (status from ``--status``, else from its rc) and rewrites both files."""
     summary_path, work = Path(a.summary), Path(a.work)
     summary = json.loads(summary_path.read_text())
     log = work / LOG_DIR / f"{a.name}.log"
@@ -254,7 +259,17 @@ def cmd_record(a) -> int:
     return 0
 
 
+def cmd_note(a) -> int:
+    """Adds a line to the summary's notes (what changed for the steps after this point)."""
+    summary_path = Path(a.summary)
+    summary = json.loads(summary_path.read_text())
+    summary["notes"].append(a.text)
+    save(summary, summary_path, Path(a.archive), Path(a.work))
+    return 0
+
+
 def cmd_finish(a) -> int:
+    """Marks the run finished, prints a table of the steps; 1 when a step is not ok or skipped."""
     summary_path = Path(a.summary)
     summary = json.loads(summary_path.read_text())
     bad = [s["name"] for s in summary["steps"] if s["status"] not in ("ok", "skipped")]
@@ -284,6 +299,7 @@ def tool_output(argv: list[str]) -> str | None:
 
 
 def cmd_env(a) -> int:
+    """Writes the environment JSON (``--out``) and prints it, with nvidia-smi's report on a GPU."""
     import torch
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -319,10 +335,13 @@ def cmd_env(a) -> int:
 
 
 def cmd_build(a) -> int:
+    """Loads (JIT-builds) the extension; 1 when a requested backend cannot run on ``--device``."""
     import fused_vae as fv
+    from fused_vae.backends import build as extension
 
     info = fv.available_backends()
     print(info)
+    print(f"extension loaded: {'yes' if extension.status().loaded else 'no'}")
     missing = [f"{b}: {info[b].reason or 'no ' + a.device + ' device'}" for b in a.backends.split(",")
                if not (info[b].available and a.device in info[b].devices)]
     if missing:
@@ -333,6 +352,7 @@ def cmd_build(a) -> int:
 
 
 def main(argv=None) -> int:
+    """Command line entry: the subcommands of the module docstring."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     files = argparse.ArgumentParser(add_help=False)
@@ -353,6 +373,8 @@ def main(argv=None) -> int:
     s.add_argument("--reason", default=None)
     s.add_argument("--skipped-tools", default=None, help="comma list of hardware tools the step left out")
     s.add_argument("--command", default=None)
+    s = sub.add_parser("note", parents=[files])
+    s.add_argument("text")
     sub.add_parser("finish", parents=[files])
     s = sub.add_parser("env")
     s.add_argument("--out", required=True)
@@ -361,7 +383,8 @@ def main(argv=None) -> int:
     s.add_argument("--device", required=True, choices=("cuda", "cpu"))
     s.add_argument("--backends", default="cuda,triton")
     a = p.parse_args(argv)
-    return {"init": cmd_init, "record": cmd_record, "finish": cmd_finish, "env": cmd_env, "build": cmd_build}[a.cmd](a)
+    commands = {"init": cmd_init, "record": cmd_record, "note": cmd_note, "finish": cmd_finish, "env": cmd_env, "build": cmd_build}
+    return commands[a.cmd](a)
 
 
 if __name__ == "__main__":

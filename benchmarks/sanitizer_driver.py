@@ -138,6 +138,7 @@ def run_case(case: Case, device: str):
 
 
 def main(argv=None) -> int:
+    """Command line entry (see the module docstring); returns the exit status."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cuda", choices=("cuda", "cpu"), help="cuda, or cpu for the emulated device / interpreter")
     p.add_argument("--size", default="full", choices=SIZES, help="full (GPU) or tiny (dry run)")

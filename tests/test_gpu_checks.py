@@ -259,3 +259,11 @@ def test_sanitizer_cases_cover_every_pair_and_shards_split_them():
     assert sorted(map(str, sum(shards, []))) == sorted(map(str, full))
     with pytest.raises(SystemExit, match="1 <= K <= N"):
         sanitizer_driver.shard(full, "4/3")
+
+
+def test_steps_after_a_failed_build_run_without_the_extension(tmp_path):
+    # The extension cannot load here (disabled), as after a failed or timed-out build.
+    done = run_script(tmp_path, "--dry-run", "--only", "build", FUSED_VAE_DISABLE_EXTENSION="1", timeout=300)
+    summary, members = load(tmp_path / "out")
+    assert b"extension loaded: no" in members["gpu_checks/logs/build.log"], done.stdout
+    assert any("FUSED_VAE_DISABLE_EXTENSION=1" in note for note in summary["notes"])
