@@ -27,9 +27,13 @@ Usage (on the GPU machine, from the repository root)::
 
     PYTHONPATH=. python benchmarks/bench_gpu.py                  # writes results/gpu-ops-<time>.json
     PYTHONPATH=. python benchmarks/bench_gpu.py --quick          # fewer sizes, no max-autotune
+    PYTHONPATH=. python benchmarks/bench_gpu.py --device cpu --tiny   # dry run (see below)
 
 This is a benchmark, not a test: it prints a table and writes raw results (device,
 versions, date) as JSON, and prints the file's path last; it refuses to run without CUDA.
+``--device cpu`` only checks that the script runs (benchmarks/gpu_checks.sh --dry-run):
+the backends then run on the emulated CUDA device (``FUSED_VAE_CUDA_EMULATE=1``) and in
+the Triton interpreter (``TRITON_INTERPRET=1``), and ``--tiny`` keeps that short.
 """
 
 from __future__ import annotations
@@ -71,6 +75,7 @@ def parse_args(argv=None):
     p.add_argument("--copy-mib", type=int, default=1024, help="size of each buffer of the copy-bandwidth measurement")
     p.add_argument("--quick", action="store_true", help="fewer sizes, compile mode 'default', short runs")
     p.add_argument("--device", default="cuda", help="device to time on (default cuda; 'cpu' only checks that the script runs)")
+    p.add_argument("--tiny", action="store_true", help="dry run: one [4, 64] float32 case, no torch.compile, 0.01 s timings, 1 MiB copy")
     return p.parse_args(argv)
 
 
@@ -159,6 +164,8 @@ def main(argv=None) -> int:
         return 2
     import fused_vae as fv
 
+    if args.tiny:
+        args.sizes, args.dtypes, args.compile_mode, args.min_run_time, args.copy_mib = "4x64", "float32", "none", 0.01, 1
     if args.quick and args.compile_mode == "max-autotune-no-cudagraphs":
         args.compile_mode = "default"
     min_run_time = args.min_run_time or (0.3 if args.quick else 1.0)
