@@ -7,8 +7,8 @@ fresh process (a temporary run directory, ``--overwrite``, ``--no-progress``,
 thread), alternating which goes first. Configurations, all on scikit-learn's bundled
 digits (1437 training images of 8x8, 64 inputs):
 
-- ``default``: the default run: 200-200-50 tanh MLP, Bernoulli, batch 100, fused AdamW
-  (lr 1e-3, eps 1e-8, no weight decay), gradient-norm clipping at 100, cosine schedule to
+- ``default``: the default run: 200-200-50 tanh MLP, Bernoulli, batch 100, fused Adam
+  (torch AdamW, weight decay 0; lr 1e-3, eps 1e-8), gradient-norm clipping at 100, cosine schedule to
   0.1 lr at ``--max-steps``; the plain loop: ``PlainMLPVAE`` (``randn_like``, closed-form KL).
 - ``iwae-<objective>-K<k>``: ``--preset iwae-mnist --data digits`` (the IWAE paper's
   200-200-50 tanh net, batch 20, dynamic binarization, Adam eps 1e-4, no clipping, the
@@ -18,7 +18,11 @@ digits (1437 training images of 8x8, 64 inputs):
 
 Variants: ``eager``, and ``compiled``: the trainer with ``--compile`` (reported as not
 available while ``fused-vae train`` has no such flag) against the plain loop with a
-``torch.compile``-d loss (forward and backward graphs; clipping and fused AdamW eager).
+``torch.compile``-d loss (forward and backward graphs; clipping and fused Adam eager).
+A compiled trainer step cannot binarize anew each step, so the compiled IWAE-net runs use
+``--binarize static`` and the plain loop the same once-binarized data. By default only
+``default`` and the two K = 5 configurations run compiled (each compiled trainer process
+compiles its step afresh, tens of seconds here); ``--compiled-configs`` picks others.
 
 What the numbers include. Every trainer run passes ``--eval-every 0 --iwae-samples 0``
 (no per-epoch test ELBO, no IWAE NLL) and ``--log-every 50`` (the default run's; the
@@ -51,6 +55,7 @@ import argparse
 import json
 import math
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -65,6 +70,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import environment, load_average, result_path, write_result  # noqa: E402
 from plain import PlainMLPVAE, train_plain  # noqa: E402
 
+from fused_vae.training import config as config_module  # noqa: E402
 from fused_vae.training.config import TrainConfig  # noqa: E402
 from fused_vae.training.data import load_data  # noqa: E402
 
@@ -110,6 +116,16 @@ def configurations() -> dict[str, dict]:
                                binarize="dynamic", grad_accum=1),
             }
     return configs
+
+
+def for_variant(config: dict, variant: str) -> dict:
+    """``config`` as run in ``variant``: compiled runs binarize once (``--binarize static``, the
+    plain loop the same data) where the eager run binarizes each step, which a compiled trainer
+    step does not support."""
+    if variant != "compiled" or not config["plain"]["dynamic_binarize"]:
+        return config
+    return {"args": [*config["args"], "--binarize", "static"], "plain": {**config["plain"], "dynamic_binarize": False},
+            "expect": {**config["expect"], "binarize": "static"}, "binarize": "static"}
 
 
 def _env() -> dict:
@@ -161,14 +177,15 @@ def run_trainer(config: dict, *, steps: int, compiled: bool, out_dir: Path, name
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     marks = [(r["step"], r["time_s"]) for r in records if r.get("kind") == "train"]
     spe = num_train // config["plain"]["batch_size"]
-    ckpt_steps = spe * int(used["checkpoint_every"])
+    # (a trainer whose checkpoint_every defaults to None picks whole epochs of about CHECKPOINT_STEPS steps)
+    ckpt_steps = spe * (used["checkpoint_every"] or -(-config_module.CHECKPOINT_STEPS // spe))
     return {"train_time_s": summary["train_time_s"], "steps": summary["steps"],
             "end_to_end_ms_per_step": summary["train_time_s"] / summary["steps"] * 1e3,
             "steady_ms_per_step": steady_ms(marks), "interval_median_ms_per_step": interval_median_ms(marks),
             "marks": marks,
             "checkpoints_in_steady_window": sum(1 for s in range(marks[0][0] + 1, marks[-1][0] + 1)
                                                 if s % ckpt_steps == 0) if marks else 0,
-            "fused_adamw": summary.get("fused_adamw"), "fused_backend": summary.get("fused_backend")}
+            "optimizer": summary.get("optimizer"), "fused_backend": summary.get("fused_backend")}
 
 
 def run_plain(model: PlainMLPVAE, init: dict, train_x: torch.Tensor, config: dict, *, steps: int,
@@ -184,7 +201,7 @@ def run_plain(model: PlainMLPVAE, init: dict, train_x: torch.Tensor, config: dic
 
 
 def checkpoint_ms(repeats: int = 5) -> float:
-    """Median ms of one trainer checkpoint of the default model (state dicts of model, AdamW and
+    """Median ms of one trainer checkpoint of the default model (state dicts of model, optimizer and
     schedule, written with fsync by ``atomic_save``) in a temporary directory."""
     from fused_vae.models import MLPVAE
     from fused_vae.training.checkpoint import atomic_save, make_checkpoint
@@ -253,7 +270,8 @@ def run_rounds(cases: list[tuple[str, str]], all_configs: dict, *, rounds: int, 
     """``rounds`` interleaved rounds over ``cases`` (``(configuration, variant)``): in each, the trainer
     and the plain loop (alternating which goes first); ``{case: [{"round", "order", "trainer", "plain"}]}``,
     ``"trainer"`` None where the trainer has no flag for the variant."""
-    train_x = load_data(TrainConfig(data="digits")).train
+    data = {b: load_data(TrainConfig(data="digits", binarize=b)).train for b in ("none", "static")}
+    train_x = data["none"]
     torch.manual_seed(0)
     models = {case: PlainMLPVAE(train_x[0].numel(), 50, (200, 200)) for case in cases}
     inits = {case: {k: v.clone() for k, v in m.state_dict().items()} for case, m in models.items()}
@@ -261,7 +279,7 @@ def run_rounds(cases: list[tuple[str, str]], all_configs: dict, *, rounds: int, 
     with tempfile.TemporaryDirectory(prefix="bench-trainer-") as tmp:
         for r in range(rounds):
             for name, variant in cases:
-                config, compiled = all_configs[name], variant == "compiled"
+                config, compiled = for_variant(all_configs[name], variant), variant == "compiled"
                 sides = {}
                 order = ("trainer", "plain") if r % 2 == 0 else ("plain", "trainer")
                 for side in order:
@@ -271,8 +289,9 @@ def run_rounds(cases: list[tuple[str, str]], all_configs: dict, *, rounds: int, 
                         sides[side] = run_trainer(config, steps=steps, compiled=compiled, out_dir=Path(tmp),
                                                   name=f"{name}-{variant}", num_train=train_x.shape[0])
                     else:
-                        sides[side] = run_plain(models[(name, variant)], inits[(name, variant)], train_x, config,
-                                                steps=steps, compiled=compiled)
+                        sides[side] = run_plain(models[(name, variant)], inits[(name, variant)],
+                                                data[config.get("binarize", "none")], config, steps=steps,
+                                                compiled=compiled)
                 raw[(name, variant)].append({"round": r, "order": list(order), **sides})
                 print(f"round {r + 1}/{rounds} {name:14s} {variant:8s} {_round_line(sides)}", flush=True)
     return raw
@@ -339,15 +358,17 @@ def main(argv=None) -> int:
     env = environment()
     cases = [(n, "eager") for n in names if "eager" in variants]
     cases += [(n, "compiled") for n in names if "compiled" in variants and n in compiled_names]
-    trainer_compiles = any(v == "compiled" for _, v in cases) and COMPILE_FLAG in trainer_flags().split()
+    trainer_compiles = (any(v == "compiled" for _, v in cases)
+                        and re.search(rf"(?<![\w-]){COMPILE_FLAG}(?![\w-])", trainer_flags()) is not None)
     t_start = time.perf_counter()
     raw = run_rounds(cases, all_configs, rounds=rounds, steps=steps, trainer_compiles=trainer_compiles)
     wall = time.perf_counter() - t_start
     results = []
     for (name, variant), rows in raw.items():
         stats = summarize_case(rows)
+        config = for_variant(all_configs[name], variant)
         row = {"config": name, "variant": variant, "trainer_available": rows[0]["trainer"] is not None,
-               "trainer_args": all_configs[name]["args"], "plain": all_configs[name]["plain"], **stats, "rounds": rows}
+               "trainer_args": config["args"], "plain": config["plain"], **stats, "rounds": rows}
         if not row["trainer_available"]:
             row["note"] = f"trainer not available: `fused-vae train` of this checkout has no {COMPILE_FLAG} flag"
         results.append(row)

@@ -175,7 +175,8 @@ def _summary_text(s: dict) -> str:
         head = (f"done: {s['steps']} steps ({s['epochs']:g} epochs) in {s['train_time_s']:.1f} s on {s['device']}"
                 f" x{s['world_size']} (fused backend {s['fused_backend']}, amp {s['amp']})")
     objective = s.get("objective", "elbo")
-    lines = [head, f"trained objective: {objective} with K = {s.get('train_samples', 1)} samples",
+    optimizer = f", optimizer {s['optimizer']}" if "optimizer" in s else ""
+    lines = [head, f"trained objective: {objective} with K = {s.get('train_samples', 1)} samples{optimizer}",
              f"test ELBO {s['test_elbo']:.4f} nats (recon {s['test_recon']:.4f}, KL {s['test_kl']:.4f})"]
     if "test_iwae_nll" in s:
         lines.append(f"test NLL (IWAE, k={s['iwae_samples']}) {s['test_iwae_nll']:.4f} nats")
