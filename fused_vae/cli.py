@@ -247,7 +247,9 @@ def _cmd_sample(ns) -> int:
             imgs = model.likelihood.sample(model.decode(z), generator=g)
     out = Path(ns.out) if ns.out else Path(run_dir) / f"samples-seed{ns.seed}.png"
     nrow = ns.nrow or max(1, round(ns.num ** 0.5))
-    save_image_grid(imgs.cpu(), out, nrow, value_range=vr)
+    save_image_grid(imgs.cpu(), out, nrow, value_range=vr,
+                    title=f"{ns.num} samples from the prior, z ~ N(0, I) (seed {ns.seed}): "
+                          f"{'decoder means' if ns.mode == 'mean' else 'draws x ~ p(x|z)'}")
     print(f"wrote {out}")
     if ns.npy:
         np.save(ns.npy, imgs.float().cpu().numpy())
