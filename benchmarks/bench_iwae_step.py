@@ -31,12 +31,11 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import environment, result_path, time_calls, timing_method, us, write_result  # noqa: E402
-from plain import PlainMLPVAE  # noqa: E402
+from plain import PlainMLPVAE, plain_loss  # noqa: E402
 
 import fused_vae as fv  # noqa: E402
 from fused_vae.models import MLPVAE, derive_seed  # noqa: E402
@@ -49,27 +48,6 @@ SAMPLES = (1, 5, 50)
 OBJECTIVES = ("elbo", "iwae")
 TRAIN_EXAMPLES, PAPER_EPOCHS, SHORT_EPOCHS = 60000, 3280, 121
 EVAL_K, TEST_EXAMPLES = 5000, 10000
-_LOG_2PI = math.log(2 * math.pi)
-
-
-def plain_loss(plain: PlainMLPVAE, x: torch.Tensor, k: int, objective: str, eps: torch.Tensor | None = None):
-    """The K-sample loss as plain PyTorch code writes it (``eps``: ``[K, B, 50]``, else randn)."""
-    x = x.flatten(1)
-    mu, logvar = plain.encoder(x).chunk(2, dim=-1)
-    std = torch.exp(0.5 * logvar)
-    if eps is None:
-        eps = torch.randn(k, *mu.shape)
-    z = mu + std * eps  # [K, B, L]
-    logits = plain.decoder(z)
-    recon = F.binary_cross_entropy_with_logits(logits, x.expand_as(logits), reduction="none").sum(-1)  # [K, B]
-    if objective == "elbo":
-        kl = 0.5 * torch.sum(mu.pow(2) + logvar.exp() - logvar - 1, dim=1)
-        return (recon.mean(0) + kl).mean()
-    log_pz = -0.5 * (z.pow(2) + _LOG_2PI).sum(-1)
-    log_qz = -0.5 * (eps.pow(2) + logvar + _LOG_2PI).sum(-1)
-    return -(torch.logsumexp(-recon + log_pz - log_qz, dim=0) - math.log(k)).mean()
-
-
 def adam(params) -> torch.optim.AdamW:
     """Adam as the preset builds it (AdamW with no weight decay; fused when torch has it)."""
     params = list(params)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+import time
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -72,3 +75,92 @@ class PlainMLPVAE(nn.Module):
         kl = 0.5 * torch.sum(mu.pow(2) + logvar.exp() - logvar - 1, dim=1)
         recon = F.binary_cross_entropy_with_logits(self.decoder(z), x, reduction="none").sum(1)
         return (recon + kl).mean()
+
+
+_LOG_2PI = math.log(2 * math.pi)
+
+
+def plain_loss(plain: PlainMLPVAE, x: torch.Tensor, k: int, objective: str, eps: torch.Tensor | None = None):
+    """The K-sample loss of ``plain`` for the batch ``x`` (``[B, ...]`` in [0, 1]) as plain
+    PyTorch code writes it, a float32 scalar: ``objective="elbo"`` the mean of K
+    single-sample ELBOs with the closed-form KL, ``"iwae"`` minus the importance-weighted
+    bound L_K (logsumexp over the K samples of log p(x|z) + log p(z) - log q(z|x)).
+    ``eps`` (``[K, B, latent_dim]``) replaces ``torch.randn`` when given."""
+    x = x.flatten(1)
+    mu, logvar = plain.encoder(x).chunk(2, dim=-1)
+    std = torch.exp(0.5 * logvar)
+    if eps is None:
+        eps = torch.randn(k, *mu.shape, dtype=mu.dtype, device=mu.device)
+    z = mu + std * eps  # [K, B, L]
+    logits = plain.decoder(z)
+    recon = F.binary_cross_entropy_with_logits(logits, x.expand_as(logits), reduction="none").sum(-1)  # [K, B]
+    if objective == "elbo":
+        kl = 0.5 * torch.sum(mu.pow(2) + logvar.exp() - logvar - 1, dim=1)
+        return (recon.mean(0) + kl).mean()
+    log_pz = -0.5 * (z.pow(2) + _LOG_2PI).sum(-1)
+    log_qz = -0.5 * (eps.pow(2) + logvar + _LOG_2PI).sum(-1)
+    return -(torch.logsumexp(-recon + log_pz - log_qz, dim=0) - math.log(k)).mean()
+
+
+def plain_scheduler(optimizer, schedule: str, *, total_steps: int, steps_per_epoch: int, min_ratio: float = 0.1):
+    """The trainer's learning-rate schedules (no warm-up) from torch's own schedulers, stepped once per
+    optimizer step: ``cosine`` (to ``min_ratio`` x lr at ``total_steps``), ``constant``, or ``iwae``
+    (the IWAE paper's: x 10^(-1/7) after 1, 3, 9, ... epochs, i.e. stage i from epoch (3^i - 1) / 2).
+
+    Raises:
+        ValueError: another schedule.
+    """
+    if schedule == "cosine":
+        lr = optimizer.param_groups[0]["lr"]
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps, eta_min=lr * min_ratio)
+    if schedule == "constant":
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    if schedule == "iwae":
+        milestones = [steps_per_epoch * (3**i - 1) // 2 for i in range(1, 12)]
+        return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, gamma=10 ** (-1 / 7))
+    raise ValueError(f"schedule must be cosine, constant or iwae, got {schedule!r}")
+
+
+def train_plain(model: PlainMLPVAE, train_x: torch.Tensor, *, steps: int, batch_size: int, objective: str = "elbo",
+                k: int = 1, lr: float = 1e-3, adam_eps: float = 1e-8, grad_clip: float = 100.0,
+                schedule: str = "cosine", dynamic_binarize: bool = False, log_every: int = 50,
+                compile_loss: bool = False) -> list[tuple[int, float]]:
+    """The training loop a user would write around ``model``: shuffled batches of ``batch_size``
+    from ``train_x`` (``[N, ...]`` in [0, 1]; a new ``randperm`` each epoch, the last partial
+    batch dropped), ``torch.bernoulli`` binarization when ``dynamic_binarize``, :func:`plain_loss`
+    (``torch.compile``-d when ``compile_loss``), backward, gradient-norm clipping (when
+    ``grad_clip`` > 0), fused AdamW (no weight decay) and :func:`plain_scheduler`; every
+    ``log_every`` steps it reads the loss back, as a loop that prints it would.
+
+    Returns ``[(step, seconds since the loop started), ...]`` at every ``log_every``-th step
+    and the last (``time.perf_counter``).
+
+    Raises:
+        FloatingPointError: the loss became NaN/Inf.
+    """
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, eps=adam_eps, weight_decay=0.0, fused=True)
+    n = train_x.shape[0]
+    per_epoch = n // batch_size
+    sched = plain_scheduler(opt, schedule, total_steps=steps, steps_per_epoch=per_epoch)
+    loss_fn = torch.compile(plain_loss) if compile_loss else plain_loss
+    marks = []
+    t0 = time.perf_counter()
+    for step in range(steps):
+        if step % per_epoch == 0:
+            order = torch.randperm(n)
+        i = step % per_epoch
+        x = train_x[order[i * batch_size:(i + 1) * batch_size]]
+        if dynamic_binarize:
+            x = torch.bernoulli(x)
+        opt.zero_grad(set_to_none=True)
+        loss = loss_fn(model, x, k, objective)
+        loss.backward()
+        if grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        opt.step()
+        sched.step()
+        if (step + 1) % log_every == 0 or step + 1 == steps:
+            if not math.isfinite(float(loss.detach())):
+                raise FloatingPointError(f"plain loop: non-finite loss at step {step + 1}")
+            marks.append((step + 1, time.perf_counter() - t0))
+    return marks

@@ -175,7 +175,8 @@ def _summary_text(s: dict) -> str:
         head = (f"done: {s['steps']} steps ({s['epochs']:g} epochs) in {s['train_time_s']:.1f} s on {s['device']}"
                 f" x{s['world_size']} (fused backend {s['fused_backend']}, amp {s['amp']})")
     objective = s.get("objective", "elbo")
-    lines = [head, f"trained objective: {objective} with K = {s.get('train_samples', 1)} samples",
+    optimizer = f", optimizer {s['optimizer']}" if "optimizer" in s else ""
+    lines = [head, f"trained objective: {objective} with K = {s.get('train_samples', 1)} samples{optimizer}",
              f"test ELBO {s['test_elbo']:.4f} nats (recon {s['test_recon']:.4f}, KL {s['test_kl']:.4f})"]
     if "test_iwae_nll" in s:
         lines.append(f"test NLL (IWAE, k={s['iwae_samples']}) {s['test_iwae_nll']:.4f} nats")
@@ -246,7 +247,9 @@ def _cmd_sample(ns) -> int:
             imgs = model.likelihood.sample(model.decode(z), generator=g)
     out = Path(ns.out) if ns.out else Path(run_dir) / f"samples-seed{ns.seed}.png"
     nrow = ns.nrow or max(1, round(ns.num ** 0.5))
-    save_image_grid(imgs.cpu(), out, nrow, value_range=vr)
+    save_image_grid(imgs.cpu(), out, nrow, value_range=vr,
+                    title=f"{ns.num} samples from the prior, z ~ N(0, I) (seed {ns.seed}): "
+                          f"{'decoder means' if ns.mode == 'mean' else 'draws x ~ p(x|z)'}")
     print(f"wrote {out}")
     if ns.npy:
         np.save(ns.npy, imgs.float().cpu().numpy())

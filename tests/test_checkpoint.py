@@ -50,6 +50,26 @@ def test_atomic_save_keeps_the_old_file_when_a_save_crashes(tmp_path, monkeypatc
     assert [p.name for p in tmp_path.iterdir()] == ["ck.pt"]  # no temp file left behind
 
 
+def test_a_failed_run_checkpoint_write_says_what_is_intact(tmp_path, monkeypatch):
+    import errno
+
+    path = tmp_path / "checkpoints" / "last.pt"
+
+    def full(obj, f, *a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ckpt_mod.torch, "save", full)
+    with pytest.raises(ckpt_mod.CheckpointWriteError) as e:
+        ckpt_mod.save_run_checkpoint({"a": 1}, path, last_good=None, run_dir=tmp_path)
+    assert str(e.value) == (f"cannot write checkpoint {path}: the disk is full; no earlier checkpoint of this run "
+                            "was written, so nothing was lost; free space and start again")
+    assert isinstance(e.value, CheckpointError) and not path.exists()
+    denied = ckpt_mod.write_error(path, PermissionError(errno.EACCES, "Permission denied"),
+                                  last_good=(path, 7), run_dir=tmp_path)
+    assert str(denied).startswith(f"cannot write checkpoint {path}: Permission denied; the last good checkpoint "
+                                  f"{path} (step 7) is intact")
+
+
 def test_checkpoint_round_trip_and_contents(tmp_path):
     cfg = tiny(tmp_path)
     summary = train(cfg)

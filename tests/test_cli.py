@@ -70,6 +70,7 @@ def test_train_eval_sample_and_resume(tmp_path, capsys):
     # Resume with more epochs: the stored config is kept, the flag overrides it.
     code, out, err = _run(capsys, "train", "--out-dir", str(tmp_path), "--name", "r", "--resume", "--epochs", "2")
     assert code == 0, err
+    assert f"resuming from step 4 (epoch 1) of {run / 'checkpoints' / 'last.pt'}\n" in out
     summary = json.loads((run / "summary.json").read_text())
     cfg = json.loads((run / "config.json").read_text())
     assert summary["steps"] == 8 and cfg["epochs"] == 2 and cfg["hidden"] == [16]
@@ -152,6 +153,57 @@ def test_ctrl_c_names_the_last_checkpoint_and_how_to_resume(tmp_path, capsys, mo
     code, _, err = _run(capsys, "train", "--resume", str(run))
     assert code == 0, err
     assert json.loads((run / "summary.json").read_text())["steps"] == 8
+
+
+def test_a_full_disk_while_saving_names_the_file_and_how_to_resume(tmp_path, capsys, monkeypatch):
+    import errno
+
+    import torch
+
+    from fused_vae.training import checkpoint as ckpt_mod
+
+    real_save = torch.save
+
+    def save(obj, f, *a, **k):
+        if obj["step"] > 4:  # the checkpoints after the first epoch (4 steps) find the disk full
+            f.write(b"partial")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, f, *a, **k)
+
+    monkeypatch.setattr(ckpt_mod.torch, "save", save)
+    code, out, err = _run(capsys, "train", *TINY, "--epochs", "2", "--out-dir", str(tmp_path), "--name", "r")
+    monkeypatch.undo()
+    run = tmp_path / "r"
+    last = run / "checkpoints" / "last.pt"
+    assert code == 1 and len(err.strip().splitlines()) == 1, err
+    assert f"error: cannot write checkpoint {last}: the disk is full;" in err
+    assert f"the last good checkpoint {last} (step 4) is intact" in err
+    assert err.strip().endswith(f"free space and resume with: fused-vae train --resume {run}")
+    assert ckpt_mod.load_checkpoint(last)["step"] == 4
+    assert sorted(p.name for p in last.parent.iterdir()) == ["best.pt", "last.pt"]  # no temp file left
+    code, out, err = _run(capsys, "train", "--resume", str(run))
+    assert code == 0, err
+    assert "resuming from step 4 (epoch 1)" in out and json.loads((run / "summary.json").read_text())["steps"] == 8
+
+
+def test_an_unwritable_metrics_csv_does_not_hide_the_error_that_stopped_the_run(tmp_path, capsys):
+    from fused_vae.training.metrics import MetricsLogger
+
+    logger = MetricsLogger(tmp_path, tensorboard="off")
+    logger.log({"kind": "train", "step": 1, "loss": 1.0})
+    (tmp_path / "metrics.csv").mkdir()  # open() for writing fails with an OSError
+    logger.close()
+    err = capsys.readouterr().err
+    assert f"could not write {tmp_path / 'metrics.csv'}" in err and "metrics.jsonl holds the same records" in err
+
+
+def test_adam_without_weight_decay_is_called_adam(tmp_path, capsys):
+    for decay, name in (("0", "Adam"), ("0.01", "AdamW (weight decay 0.01)")):
+        code, out, err = _run(capsys, "train", *TINY, "--epochs", "1", "--iwae-samples", "0", "--weight-decay", decay,
+                              "--out-dir", str(tmp_path), "--name", decay)
+        assert code == 0, err
+        shown = json.loads((tmp_path / decay / "summary.json").read_text())["optimizer"]
+        assert shown.split(", ")[0] == name and f"optimizer {shown}\n" in out
 
 
 def _fake_mnist(root: Path, n_train: int = 60, n_test: int = 20) -> Path:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import uuid
 from pathlib import Path
@@ -15,6 +16,25 @@ REQUIRED = ("format", "version", "model", "model_spec", "config", "epoch", "step
 
 class CheckpointError(RuntimeError):
     """A missing, corrupt or incompatible checkpoint; the message names the path."""
+
+
+class CheckpointWriteError(CheckpointError):
+    """Writing a checkpoint failed (a full disk, no permission, ...); any earlier file at that
+    path is intact (see :func:`atomic_save`). The message names the file and how to go on."""
+
+
+def write_error(path: str | Path, err: OSError, *, last_good: tuple[Path, int] | None,
+                run_dir: str | Path) -> CheckpointWriteError:
+    """The one-line error for a failed write of checkpoint ``path`` by a run in ``run_dir``:
+    the file and the cause (``err``), the last good checkpoint ``(path, step)`` (None: none was
+    written yet) and the command that resumes from it."""
+    cause = "the disk is full" if err.errno == errno.ENOSPC else (err.strerror or str(err))
+    if last_good is None:
+        good = "no earlier checkpoint of this run was written, so nothing was lost; free space and start again"
+    else:
+        good = (f"the last good checkpoint {last_good[0]} (step {last_good[1]}) is intact; free space and resume "
+                f"with: fused-vae train --resume {run_dir}")
+    return CheckpointWriteError(f"cannot write checkpoint {path}: {cause}; {good}")
 
 
 def _fsync_dir(path: Path) -> None:
@@ -47,6 +67,19 @@ def atomic_save(obj, path: str | Path) -> None:
             pass
         raise
     _fsync_dir(path.parent)
+
+
+def save_run_checkpoint(obj, path: str | Path, *, last_good: tuple[Path, int] | None, run_dir: str | Path) -> None:
+    """:func:`atomic_save` for a training run in ``run_dir`` whose last good checkpoint is
+    ``last_good`` (``(path, step)`` or None).
+
+    Raises:
+        CheckpointWriteError: the write failed (:func:`write_error`'s message); ``path`` is unchanged.
+    """
+    try:
+        atomic_save(obj, path)
+    except OSError as e:
+        raise write_error(path, e, last_good=last_good, run_dir=run_dir) from None
 
 
 def capture_rng_state() -> dict:

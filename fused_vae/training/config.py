@@ -94,9 +94,10 @@ class TrainConfig:
                          group="optimisation", type=int)
     grad_accum: int = _f(1, "micro-batches per process per step (gradient accumulation)", group="optimisation",
                          type=int)
-    lr: float = _f(1e-3, "peak learning rate (AdamW)", group="optimisation", type=float)
-    adam_eps: float = _f(1e-8, "AdamW epsilon (the IWAE paper: 1e-4)", group="optimisation", type=float)
-    weight_decay: float = _f(0.0, "AdamW decoupled weight decay (0: plain Adam)", group="optimisation", type=float)
+    lr: float = _f(1e-3, "peak learning rate (Adam, or AdamW with --weight-decay)", group="optimisation", type=float)
+    adam_eps: float = _f(1e-8, "Adam epsilon (the IWAE paper: 1e-4)", group="optimisation", type=float)
+    weight_decay: float = _f(0.0, "decoupled weight decay: above 0 the optimizer is AdamW, at 0 Adam",
+                             group="optimisation", type=float)
     lr_schedule: str = _f("cosine", "learning-rate schedule after warm-up; iwae: the IWAE paper's, 3^i epochs at "
                           "lr * 10^(-i/7) for i = 0, 1, ... (3280 epochs for i = 0..7)", group="optimisation",
                           choices=SCHEDULES)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import sys
 from pathlib import Path
 
 from .config import ConfigError
@@ -94,8 +95,14 @@ class MetricsLogger:
             w.writerows(self.records)
 
     def close(self) -> None:
-        """Writes the CSV and closes TensorBoard."""
-        self.write_csv()
+        """Writes the CSV and closes TensorBoard. A CSV that cannot be written (a full disk, say)
+        is reported on stderr, not raised: it repeats ``metrics.jsonl``, and an error that
+        stopped the run, often the same full disk, must stay the one reported."""
+        try:
+            self.write_csv()
+        except OSError as e:
+            print(f"fused-vae: could not write {self.csv} ({e.strerror or e}); {self.jsonl} holds the same records",
+                  file=sys.stderr, flush=True)
         if self.writer is not None:
             self.writer.close()
             self.writer = None

@@ -1,4 +1,4 @@
-"""AdamW (fused where the device supports it) and the learning-rate schedules."""
+"""Adam / AdamW (fused where the device supports it) and the learning-rate schedules."""
 
 from __future__ import annotations
 
@@ -23,6 +23,13 @@ def make_optimizer(params, *, lr: float, weight_decay: float, eps: float = 1e-8)
         return torch.optim.AdamW(params, lr=lr, eps=eps, weight_decay=weight_decay, fused=True), True
     except (RuntimeError, ValueError, TypeError):
         return torch.optim.AdamW(params, lr=lr, eps=eps, weight_decay=weight_decay), False
+
+
+def optimizer_name(weight_decay: float, *, fused: bool) -> str:
+    """What :func:`make_optimizer` builds, in words: ``"Adam"`` without weight decay (AdamW with
+    ``weight_decay=0`` is Adam), else ``"AdamW (weight decay X)"``; ``", fused"`` when fused."""
+    name = "Adam" if weight_decay == 0 else f"AdamW (weight decay {weight_decay:g})"
+    return f"{name}, fused" if fused else name
 
 
 def iwae_stage(epoch: int) -> int:

@@ -37,49 +37,125 @@ def image_grid(images: torch.Tensor, nrow: int, *, value_range=(0.0, 1.0), pad: 
     return arr[0] if c == 1 else np.transpose(arr, (1, 2, 0))
 
 
-def save_image_grid(images: torch.Tensor, path: str | Path, nrow: int, *, value_range=(0.0, 1.0)) -> Path:
-    """Writes :func:`image_grid` of ``images`` (``[N, C, H, W]``) as a PNG; returns the path."""
-    from PIL import Image
+def _font(size: int):
+    from PIL import ImageFont
 
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # pragma: no cover - Pillow < 10.1 has one bitmap size
+        return ImageFont.load_default()
+
+
+def _wrap(draw, text: str, font, width: int) -> list[str]:
+    """``text`` cut at spaces into lines no wider than ``width`` pixels (a longer word keeps its line)."""
+    lines: list[str] = []
+    for word in text.split():
+        if lines and draw.textlength(f"{lines[-1]} {word}", font=font) <= width:
+            lines[-1] += f" {word}"
+        else:
+            lines.append(word)
+    return lines
+
+
+def captioned(grid: np.ndarray, *, rows: int, title: str | None = None, row_labels=None, pad: int = 2):
+    """A PIL image of the :func:`image_grid` array ``grid`` (``rows`` rows of tiles) with ``title``
+    above it (wrapped to the grid's width) and ``row_labels[r % len(row_labels)]`` left of row ``r``."""
+    from PIL import Image, ImageDraw
+
+    img = Image.fromarray(grid)
+    if not title and not row_labels:
+        return img
+    font = _font(13)
+    probe = ImageDraw.Draw(img)
+    margin = 6 + max((int(probe.textlength(str(t), font=font)) for t in row_labels), default=0) if row_labels else 0
+    width = margin + img.width
+    lines = _wrap(probe, title, font, width - 8) if title else []
+    line_h = font.getbbox("Ag")[3] + 3
+    top = len(lines) * line_h + (6 if lines else 0)
+    white = 255 if img.mode == "L" else (255, 255, 255)
+    black = 0 if img.mode == "L" else (0, 0, 0)
+    out = Image.new(img.mode, (width, top + img.height), white)
+    out.paste(img, (margin, top))
+    draw = ImageDraw.Draw(out)
+    for i, line in enumerate(lines):
+        draw.text((4, 3 + i * line_h), line, fill=black, font=font)
+    row_h = (img.height - pad) / rows
+    for r in range(rows if row_labels else 0):
+        label = str(row_labels[r % len(row_labels)])
+        draw.text((2, top + pad + r * row_h + (row_h - pad) / 2), label, fill=black, font=font, anchor="lm")
+    return out
+
+
+def save_image_grid(images: torch.Tensor, path: str | Path, nrow: int, *, value_range=(0.0, 1.0),
+                    title: str | None = None, row_labels=None) -> Path:
+    """Writes :func:`image_grid` of ``images`` (``[N, C, H, W]``) as a PNG, with the caption
+    ``title`` and ``row_labels`` of :func:`captioned` when given; returns the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(image_grid(images, nrow, value_range=value_range)).save(path)
+    n = images.shape[0]
+    rows = -(-n // max(1, min(nrow, n)))
+    captioned(image_grid(images, nrow, value_range=value_range), rows=rows, title=title,
+              row_labels=row_labels).save(path)
     return path
 
 
 @torch.no_grad()
 def save_reconstructions(model, x: torch.Tensor, path, *, value_range=(0.0, 1.0), per_row: int = 8) -> Path:
     """Rows of test images ``x`` (``[N, *input_shape]``) each followed by a row of their
-    reconstructions (decoder mean at the posterior mode)."""
+    reconstructions (decoder mean at the posterior mode), labelled "input" and "recon."."""
     recon = model.reconstruct(x).to(x.dtype)
     rows = []
     for i in range(0, x.shape[0], per_row):
         rows += [x[i:i + per_row], recon[i:i + per_row]]
-    return save_image_grid(torch.cat(rows).cpu(), path, per_row, value_range=value_range)
+    return save_image_grid(torch.cat(rows).cpu(), path, per_row, value_range=value_range,
+                           title="Reconstructions: each row of test images (input) is followed by their "
+                                 "reconstructions (recon.: decoder mean at the posterior mean)",
+                           row_labels=("input", "recon."))
 
 
 @torch.no_grad()
 def save_samples(model, path, *, n: int = 64, seed: int = 0, value_range=(0.0, 1.0)) -> Path:
-    """A grid of decoder means for ``n`` prior draws ``z ~ N(0, I)``."""
+    """A grid of decoder means for ``n`` prior draws ``z ~ N(0, I)``, titled so."""
     imgs = model.generate(n, seed=seed)
-    return save_image_grid(imgs.cpu(), path, int(round(n ** 0.5)) or 1, value_range=value_range)
+    return save_image_grid(imgs.cpu(), path, int(round(n ** 0.5)) or 1, value_range=value_range,
+                           title=f"Samples: decoder means for {n} draws z ~ N(0, I) (seed {seed})")
 
 
 @torch.no_grad()
 def save_interpolation(model, pairs: list[tuple[torch.Tensor, torch.Tensor]], path, *, steps: int = 10,
                        value_range=(0.0, 1.0)) -> Path:
     """One row per pair of test images: the first image, ``steps`` decodings along the line
-    between their posterior means, the second image."""
+    between their posterior means, the second image; titled so."""
     rows = []
     for a, b in pairs:
         mid = model.interpolate(a, b, steps=steps).to(a.dtype)
         rows.append(torch.cat([a[None], mid, b[None]]))
-    return save_image_grid(torch.cat(rows).cpu(), path, steps + 2, value_range=value_range)
+    return save_image_grid(torch.cat(rows).cpu(), path, steps + 2, value_range=value_range,
+                           title=f"Interpolation: each row starts at a test image A (left column) and ends at a test image B "
+                                 f"(right column); between them, {steps} decoder means along the line between their "
+                                 "posterior means")
 
 
-def save_loss_curves(records: list[dict], path) -> Path:
-    """Plots training loss and -ELBO, test -ELBO (and IWAE NLL), reconstruction and KL
-    against the optimizer step from the metric records."""
+def _train_loss_lines(ax, records: list[dict], series) -> None:
+    """Training loss and -ELBO on ``ax``: one line labelled "loss = -ELBO" where they coincide
+    (the ELBO objective at beta = 1, no free bits), else both, -ELBO dashed so neither hides the other."""
+    s, loss = series("train", "loss")
+    se, elbo = series("train", "elbo")
+    neg = [-e for e in elbo]
+    train = [r for r in records if r.get("kind") == "train"]
+    iwae = bool(train) and train[-1].get("objective") == "iwae"
+    if loss and s == se and np.allclose(loss, neg, rtol=1e-6, atol=1e-9):
+        betas = {r.get("beta") for r in train}
+        why = " (beta = 1)" if not iwae and betas == {1.0} else " (K = 1)" if iwae else ""
+        ax.plot(s, loss, lw=1, label=f"train loss = -ELBO{why}")
+        return
+    ax.plot(s, loss, lw=1, label="train loss (-L_K, the IWAE bound)" if iwae else "train loss (recon + beta KL)")
+    ax.plot(se, neg, "--", lw=1, label="train -ELBO")
+
+
+def loss_curve_figure(records: list[dict]):
+    """A matplotlib Figure (no pyplot state) of training loss and -ELBO, test -ELBO (and IWAE
+    NLL), reconstruction and KL against the optimizer step from the metric records."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -91,10 +167,7 @@ def save_loss_curves(records: list[dict], path) -> Path:
     fig = Figure(figsize=(11, 4), dpi=100)
     FigureCanvasAgg(fig)
     ax1, ax2 = fig.subplots(1, 2)
-    s, v = series("train", "loss")
-    ax1.plot(s, v, label="train loss (recon + beta KL)", lw=1)
-    s, v = series("train", "elbo")
-    ax1.plot(s, [-e for e in v], label="train -ELBO", lw=1, alpha=0.7)
+    _train_loss_lines(ax1, records, series)
     s, v = series("eval", "test_elbo")
     ax1.plot(s, [-e for e in v], "o-", ms=2, label="test -ELBO")
     s, v = series("eval", "test_iwae_nll")
@@ -117,7 +190,12 @@ def save_loss_curves(records: list[dict], path) -> Path:
     ax2.legend()
     ax2.grid(alpha=0.3)
     fig.tight_layout()
+    return fig
+
+
+def save_loss_curves(records: list[dict], path) -> Path:
+    """Writes :func:`loss_curve_figure` of the metric records as a PNG; returns the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
+    loss_curve_figure(records).savefig(path)
     return path

@@ -16,13 +16,13 @@ import torch
 from .. import backend_for
 from ..models import build_model, kl_warmup_beta
 from .batches import TrainBatches, binarize_generator, noise_seed
-from .checkpoint import CheckpointError, atomic_save, load_checkpoint, make_checkpoint, restore_rng_state
+from .checkpoint import CheckpointError, load_checkpoint, make_checkpoint, restore_rng_state, save_run_checkpoint
 from .config import ConfigError, TrainConfig
 from .data import DataBundle, binarize, load_data
 from .distributed import DistContext, setup
 from .evaluation import evaluate
 from .metrics import check_tensorboard
-from .optim import make_optimizer, make_scheduler
+from .optim import make_optimizer, make_scheduler, optimizer_name
 from .progress import progress_bar
 from .stats import StatsWindow, StepStats
 
@@ -254,6 +254,8 @@ class Trainer:
             run.best = float(ck["metrics"].get("best_test_elbo", -math.inf))
             run.elapsed0 = float(ck["metrics"].get("elapsed_s", 0.0))
             run.resumed = True
+            if ctx.is_main:
+                print(f"resuming from step {run.step} (epoch {run.step / spe:g}) of {self.last_good[0]}", flush=True)
         return run
 
     def _open_outputs(self, run: _Run) -> None:
@@ -408,10 +410,11 @@ class Trainer:
         if not run.ctx.is_main:
             return
         path = self.ckpt_dir / name
-        atomic_save(make_checkpoint(model=run.model, optimizer=run.optimizer, scheduler=run.scheduler,
+        save_run_checkpoint(make_checkpoint(model=run.model, optimizer=run.optimizer, scheduler=run.scheduler,
                                     epoch=run.epoch, step=run.step, batch_in_epoch=run.start_batch,
                                     config=self._resolved_config().to_dict(), model_spec=run.spec,
-                                    data_info=run.data_info, metrics=metrics), path)
+                                    data_info=run.data_info, metrics=metrics), path,
+                            last_good=self.last_good, run_dir=self.run_dir)
         if name == "last.pt":
             self.last_good = (path, run.step)
 
@@ -447,7 +450,7 @@ class Trainer:
             "world_size": run.ctx.world_size,
             "fused_backend": run.backend_name,
             "amp": self.amp,
-            "fused_adamw": run.fused_adamw,
+            "optimizer": optimizer_name(cfg.weight_decay, fused=run.fused_adamw),
             "torch": str(torch.__version__),
         }
         if run.ctx.is_main:
