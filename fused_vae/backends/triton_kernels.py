@@ -115,30 +115,12 @@ def _clamp(v, lo, hi, HAS_LO: tl.constexpr, HAS_HI: tl.constexpr, IS_F64: tl.con
 
 @triton.jit
 def _fwd_kernel(
-    mu_ptr,
-    lv_ptr,
-    z_ptr,
-    kl_ptr,
-    part_ptr,
-    seed_ptr,
-    R,
-    C,
-    N,
-    SN,
-    NC,
-    lo: "fp64",
-    hi: "fp64",
-    ROWS: tl.constexpr,
-    CH4: tl.constexpr,
-    FLAT: tl.constexpr,
-    ALIGNED: tl.constexpr,
-    HAS_LO: tl.constexpr,
-    HAS_HI: tl.constexpr,
-    KL_IS_ELEMENTWISE: tl.constexpr,
-    KL_RED: tl.constexpr,
-    KL_FINAL: tl.constexpr,
-    IS_F64: tl.constexpr,
-):
+    mu_ptr, lv_ptr, z_ptr, kl_ptr, part_ptr, seed_ptr,
+    R, C, N, SN, NC, lo: "fp64", hi: "fp64",
+    ROWS: tl.constexpr, CH4: tl.constexpr, FLAT: tl.constexpr, ALIGNED: tl.constexpr,
+    HAS_LO: tl.constexpr, HAS_HI: tl.constexpr,
+    KL_IS_ELEMENTWISE: tl.constexpr, KL_RED: tl.constexpr, KL_FINAL: tl.constexpr, IS_F64: tl.constexpr,
+):  # fmt: skip
     pid = tl.program_id(0).to(tl.int64)
     seed = tl.load(seed_ptr)  # first, so its latency overlaps the loads and the KL reduction
     row, j0, j, mask = _tile_index(pid, R, C, NC, ROWS, CH4, FLAT)
@@ -167,31 +149,14 @@ def _fwd_kernel(
 
 @triton.jit
 def _bwd_kernel(
-    gz_ptr,
-    gkl_ptr,
-    mu_ptr,
-    lv_ptr,
-    gmu_ptr,
-    glv_ptr,
-    seed_ptr,
-    R,
-    C,
-    N,
-    SN,
-    NC,
-    lo: "fp64",
-    hi: "fp64",
-    div: "fp64",
-    ROWS: tl.constexpr,
-    CH4: tl.constexpr,
-    FLAT: tl.constexpr,
-    ALIGNED: tl.constexpr,
-    HAS_LO: tl.constexpr,
-    HAS_HI: tl.constexpr,
+    gz_ptr, gkl_ptr, mu_ptr, lv_ptr, gmu_ptr, glv_ptr, seed_ptr,
+    R, C, N, SN, NC, lo: "fp64", hi: "fp64", div: "fp64",
+    ROWS: tl.constexpr, CH4: tl.constexpr, FLAT: tl.constexpr, ALIGNED: tl.constexpr,
+    HAS_LO: tl.constexpr, HAS_HI: tl.constexpr,
     HAS_GZ: tl.constexpr,
     GKL_MODE: tl.constexpr,  # the KL mode of grad_kl, KL_SKIP when there is none
     IS_F64: tl.constexpr,
-):
+):  # fmt: skip
     pid = tl.program_id(0).to(tl.int64)
     row, j0, j, mask = _tile_index(pid, R, C, NC, ROWS, CH4, FLAT)
     m = _to_acc(tl.load(mu_ptr + j, mask=mask, other=0.0), IS_F64)
