@@ -6,9 +6,13 @@ torch is not a build requirement (an isolated build would download a CUDA wheel)
 - ``pip install --no-build-isolation -e .`` on a machine with torch: builds
   ``fused_vae._C`` now, with CUDA kernels when a CUDA toolkit is found
   (``TORCH_CUDA_ARCH_LIST`` defaults to "8.0;9.0+PTX"; ``MAX_JOBS`` limits parallelism).
-  ``FUSED_VAE_NO_EXTENSION=1`` skips the build.
+  ``FUSED_VAE_DISABLE_EXTENSION=1`` skips the build.
+
+Sources, flags and switches are those of the JIT build: fused_vae/backends/build.py,
+loaded here by path so that neither the package nor torch is imported to read them.
 """
 
+import importlib.util
 import os
 import shutil
 from pathlib import Path
@@ -18,6 +22,14 @@ from setuptools.command.build_py import build_py
 
 ROOT = Path(__file__).resolve().parent
 CSRC = ROOT / "csrc"
+
+
+def _load_build_settings():
+    path = ROOT / "fused_vae" / "backends" / "build.py"
+    spec = importlib.util.spec_from_file_location("fused_vae_build_settings", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 class BuildPyWithSources(build_py):
@@ -32,29 +44,26 @@ class BuildPyWithSources(build_py):
 
 
 def extension_modules():
-    if os.environ.get("FUSED_VAE_NO_EXTENSION") == "1":
+    build = _load_build_settings()
+    if build.disabled(building=True):
         return [], {}
     try:
         import torch
         from torch.utils import cpp_extension as ce
     except ImportError:
         return [], {}
-    sources = [str(p.relative_to(ROOT)) for p in [CSRC / "ops.cpp", CSRC / "autograd.cpp", *sorted((CSRC / "cpu").glob("*.cpp"))]]
-    cuda_sources = [str(p.relative_to(ROOT)) for p in sorted((CSRC / "cuda").glob("*.cu"))]
-    with_cuda = torch.version.cuda is not None and ce.CUDA_HOME is not None and bool(cuda_sources)
-    args = {"cxx": ["-O3", "-DNDEBUG", "-fno-math-errno", "-fno-trapping-math", "-fopenmp"]}
+    with_cuda = torch.version.cuda is not None and ce.CUDA_HOME is not None
+    sources = [str(p.relative_to(ROOT)) for p in build.sources(with_cuda, CSRC)]
+    args = {"cxx": build.CXX_FLAGS}
+    kind = ce.CppExtension
     if with_cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
-        args["nvcc"] = ["-O3", "-DNDEBUG", "-lineinfo"]  # no --use_fast_math: see fused_vae/backends/build.py
-        ext = ce.CUDAExtension(
-            "fused_vae._C", sources + cuda_sources, include_dirs=[str(CSRC / "include")], extra_compile_args=args,
-            extra_link_args=["-fopenmp"],
-        )
-    else:
-        ext = ce.CppExtension(
-            "fused_vae._C", sources, include_dirs=[str(CSRC / "include")], extra_compile_args=args,
-            extra_link_args=["-fopenmp"],
-        )
+        args["nvcc"] = build.NVCC_FLAGS
+        kind = ce.CUDAExtension
+    ext = kind(
+        "fused_vae._C", sources, include_dirs=[str(build.include_dir(CSRC))], extra_compile_args=args,
+        extra_link_args=build.LD_FLAGS,
+    )
     return [ext], {"build_ext": ce.BuildExtension.with_options(no_python_abi_suffix=True)}
 
 

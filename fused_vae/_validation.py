@@ -8,9 +8,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .backends.protocol import KL_MODES, SUPPORTED_DTYPES
-
-_DTYPE_NAMES = "float32, float64, float16 or bfloat16"
+from .backends.protocol import KL_MODES, SUPPORTED_DTYPES, unsupported_dtype
 
 SEED_MAX = 2**64
 
@@ -36,7 +34,7 @@ def check_pair(mu: object, logvar: object) -> None:
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
         if t.dtype not in SUPPORTED_DTYPES:
-            raise TypeError(f"{name} must have dtype {_DTYPE_NAMES}, got {t.dtype}")
+            raise unsupported_dtype(name, t.dtype)
         if t.dim() < 1:
             raise ValueError(f"{name} must be at least 1-D with the batch first ([B, ...]), got a 0-d tensor")
     assert isinstance(mu, torch.Tensor) and isinstance(logvar, torch.Tensor)
@@ -118,11 +116,17 @@ def check_seed_int(seed: object, name: str = "seed") -> int:
     return seed
 
 
+def draw_seed(device: torch.device, generator: torch.Generator | None = None) -> torch.Tensor:
+    """A random seed as a 0-d int64 tensor on ``device``, drawn from ``generator`` (default:
+    torch's default generator of ``device``) on that device: no host-device
+    synchronisation, CUDA-graph safe."""
+    return torch.randint(-(2**63), 2**63 - 1, (), dtype=torch.int64, device=device, generator=generator)
+
+
 def seed_tensor(seed: object, device: torch.device) -> torch.Tensor:
     """The seed as a 0-d int64 tensor on ``device``, the form the ops take.
 
-    ``None`` draws one from torch's default generator of ``device`` on that device (no
-    host-device synchronisation; CUDA-graph safe). An int in [0, 2**64) is stored with
+    ``None`` draws one with :func:`draw_seed`. An int in [0, 2**64) is stored with
     the same 64 bits. A one-element int64 tensor is used as given.
 
     Raises:
@@ -130,7 +134,7 @@ def seed_tensor(seed: object, device: torch.device) -> torch.Tensor:
         int64 element.
     """
     if seed is None:
-        return torch.randint(-(2**63), 2**63 - 1, (), dtype=torch.int64, device=device)
+        return draw_seed(device)
     if isinstance(seed, torch.Tensor):
         if seed.dtype != torch.int64 or seed.numel() != 1:
             raise TypeError(f"seed tensor must hold one int64 element, got dtype {seed.dtype} with {seed.numel()} elements")

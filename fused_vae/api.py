@@ -154,7 +154,7 @@ def standard_normal(
     """
     dims = V.check_shape(shape)
     if dtype not in V.SUPPORTED_DTYPES:
-        raise TypeError(f"dtype must be float32, float64, float16 or bfloat16, got {dtype}")
+        raise P.unsupported_dtype("dtype", dtype)
     offset = V.check_seed_int(offset, "offset")
     dev = torch.device(device) if device is not None else torch.empty(0).device
     seed_t = V.seed_tensor(seed, dev) if seed is not None else None

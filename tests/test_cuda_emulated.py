@@ -35,8 +35,7 @@ from independent import math64, reduce64, stream
 
 import fused_vae as fv
 from fused_vae.backends import cuda_emulation
-
-KL_MODES = {"none": 1, "per_sample": 2, "sum": 3, "batchmean": 4}
+from fused_vae.backends.protocol import KL_MODES, KL_SKIP
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -56,7 +55,7 @@ def tile(dtype: torch.dtype) -> int:
 
 
 def fwd(mu, lv, reduction="batchmean", seed=7, num_samples=1, clamp=(None, None)):
-    mode = 0 if reduction is None else KL_MODES[reduction]
+    mode = KL_SKIP if reduction is None else KL_MODES[reduction]
     return torch.ops.fused_vae.cuda_emu_reparam_kl_fwd(mu, lv, torch.tensor(seed), num_samples, mode, *clamp)
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 import fused_vae as fv
@@ -63,3 +65,33 @@ def test_fallback_warning_points_at_the_callers_line():
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == ["<string>", "5"]
+
+
+SETUP = Path(build.__file__).resolve().parents[2] / "setup.py"
+# setup.py up to its setup() call, then what it would build: [[sources of each extension]].
+SETUP_EXTENSIONS = f"""
+src = open({str(SETUP)!r}).read().split("ext_modules, cmdclass = extension_modules()")[0]
+ns = {{"__file__": {str(SETUP)!r}, "__name__": "setup"}}
+exec(src, ns)
+print([ext.sources for ext in ns["extension_modules"]()[0]])
+"""
+
+
+def test_setup_builds_from_build_py_and_nothing_without_torch():
+    proc = run_python(SETUP_EXTENSIONS)
+    assert proc.returncode == 0, proc.stderr
+    [sources] = eval(proc.stdout)
+    root = SETUP.parent
+    assert sources[:2] == [str(p.relative_to(root)) for p in build.sources(False, root / "csrc")]
+    # An isolated build environment has no torch: setup.py reads build.py without it.
+    proc = run_python("import sys; sys.modules['torch'] = None\n" + SETUP_EXTENSIONS)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"
+
+
+def test_one_switch_skips_building_and_loading_the_old_name_warns():
+    proc = run_python(SETUP_EXTENSIONS, FUSED_VAE_DISABLE_EXTENSION="1")
+    assert proc.returncode == 0 and proc.stdout.strip() == "[]", proc.stderr
+    proc = run_python(SETUP_EXTENSIONS, FUSED_VAE_NO_EXTENSION="1")
+    assert proc.returncode == 0 and proc.stdout.strip() == "[]", proc.stderr
+    assert "FutureWarning: FUSED_VAE_NO_EXTENSION=1 is deprecated; set FUSED_VAE_DISABLE_EXTENSION=1" in proc.stderr

@@ -39,9 +39,9 @@ def test_cpp_and_python_schemas_agree(which):
 
 
 def test_kl_mode_numbers_agree_with_the_cpp_header():
-    header = (P.__file__.rsplit("fused_vae", 1)[0] + "csrc/include/fused_vae/protocol.h").replace("\\", "/")
+    header = (P.__file__.rsplit("fused_vae", 1)[0] + "csrc/include/fused_vae/elementwise.h").replace("\\", "/")
     text = open(header).read()
-    for cname, value in {"kKlSkip": P.KL_SKIP, "kKlElementwise": P.KL_NONE, "kKlPerSample": P.KL_PER_SAMPLE,
+    for cname, value in {"kKlSkip": P.KL_SKIP, "kKlElementwise": P.KL_ELEMENTWISE, "kKlPerSample": P.KL_PER_SAMPLE,
                          "kKlSum": P.KL_SUM, "kKlBatchMean": P.KL_BATCHMEAN}.items():  # fmt: skip
         assert f"{cname} = {value}," in text
 

@@ -284,7 +284,7 @@ def test_kernels_compile_for_gpu_targets():
             for mode in (1, 2):
                 t = dict(ints, mu_ptr=P[d], lv_ptr=P[d], z_ptr=P[d], kl_ptr=P[d] if mode == 1 else acc,
                          part_ptr=acc, seed_ptr="*i64")
-                k = build(K._fwd_kernel, t, dict(common, KL_ELEM=mode == 1, KL_RED=mode == 2, KL_FINAL=False), arch, 4)
+                k = build(K._fwd_kernel, t, dict(common, KL_IS_ELEMENTWISE=mode == 1, KL_RED=mode == 2, KL_FINAL=False), arch, 4)
                 if d == "f32" and aligned:
                     assert "ld.global.v4" in k.asm["ptx"], "mu/logvar loads are not vectorised"
                 t = dict(ints, gz_ptr=P[d], gkl_ptr=P[d] if mode == 1 else acc, mu_ptr=P[d], lv_ptr=P[d],

@@ -1,12 +1,10 @@
 // CPU implementation of fused_vae::reparam_kl_fwd / reparam_kl_bwd.
 //
-// The flat [B, D] problem is cut into tiles of at most kTile elements: several whole rows
-// when D <= kTile, otherwise chunks of one row. Tiles run in parallel (at::parallel_for);
-// within a tile the noise is made into a small buffer (one Philox call per 4 elements,
-// explicit AVX-512/AVX2 for Philox)
-// and the element loop reads mu/logvar once and writes z/KL once. Per-row KL sums are
-// produced per tile and combined in a fixed order, so results do not depend on the
-// number of threads. Hot loops are compiled for AVX-512, AVX2 and baseline x86-64 and
+// Tiles and reductions: docs/design.md section 9 (the CPU row of its table; tiles of at
+// most kTile elements run in parallel with at::parallel_for, so results do not depend on
+// the number of threads). Within a tile the noise is made into a small buffer (explicit
+// AVX-512/AVX2 Philox, philox_simd.h) and the element loop reads mu/logvar once and
+// writes z/KL once. Hot loops are compiled for AVX-512, AVX2 and baseline x86-64 and
 // picked at load time (target_clones).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>

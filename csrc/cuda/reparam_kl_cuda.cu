@@ -5,8 +5,8 @@
 // called through reparam_kl_launch.h. Everything runs on the current stream of the
 // inputs' device, allocates through the caching allocator and never synchronises with
 // the host (the seed is read by the kernels from device memory), so the ops can be
-// captured in CUDA graphs. Fake (meta) and autograd registrations live in
-// fused_vae/_ops.py and are shared with the CPU backend.
+// captured in CUDA graphs. The schemas and the autograd kernel are in csrc/ops.cpp, the
+// fake (meta) impls in fused_vae/backends/registration.py, shared with the CPU backend.
 //
 // Only c10/cuda headers are used (not ATen/cuda/CUDAContext.h, which needs the cuBLAS /
 // cuSPARSE / cuSOLVER headers).

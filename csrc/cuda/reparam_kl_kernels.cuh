@@ -7,34 +7,17 @@
 // float32 for float32 / float16 / bfloat16 and float64 for float64 (the noise stays
 // float32); all element indices are 64-bit.
 //
-// Work decomposition (docs/design.md section 9). The forward cuts its [R, C] view of the
-// problem ([B, D] when the KL is reduced, else one row [1, N]) into row-aligned tiles
-// (RowTiles in reparam_kl_launch.h): whole rows, or one chunk of one row, of at most
-// TILE = 256 * V elements (V = 8 for 16-bit types, else 4). A block of 256 threads
-// handles one tile per iteration of a grid-stride loop; thread k owns the V elements
-// from base + k*V (base: the tile's first element rounded down to a multiple of V),
-// which start on a Philox group boundary, so one Philox call yields 4 of its normals
-// (two calls for 16-bit types); elements of the chunk outside the tile are masked. Loads
-// and stores are 16-byte vectors for a thread's full chunks when every pointer is
-// 16-byte aligned (and, with several samples, N is a multiple of V); otherwise the
-// kernel instance with scalar accesses runs. The backward reduces nothing and uses flat
-// tiles of TILE elements.
-//
-// Reductions (no atomics; the tree depends on the shape only, never on the grid):
-//   tiles: a tile of whole rows stages its KL values in shared memory and sums each row
-//     with a group of W lanes (W = min(32, pow2 >= D)), writing the row sum; a tile that
-//     holds one chunk of a row sums it over the block into partials[b * chunks + c].
-//   row pass (chunks > 1 only): a warp per row, lane l adding chunks l, l + 32, ... in
-//     order, then a butterfly, writes the row sum.
-//   total (sum / batchmean): one block adds the B row sums in double in a fixed tree
-//     (thread k: rows k, k + 256, ...; then the block sum), divided by B for batchmean.
-// Row sums go to kl_out (per_sample) or to B slots of the workspace after the partials
-// (sum / batchmean). Small problems (tiles x samples <= kFuseTiles) run in one block that
-// also does the row pass and the total, so they take one launch; others launch the row
-// pass (per_sample with chunks > 1) or one block for the row pass and the total
-// (sum / batchmean). With many samples and few tiles the forward also splits the samples
-// over blocks (the backward sums over samples per element, so its parallelism is the
-// number of tiles).
+// Tiles and reductions: docs/design.md section 9 (the CUDA row of its table and "CUDA
+// details"); RowTiles in reparam_kl_launch.h cuts the forward's [R, C] view ([B, D] when
+// the KL is reduced, else one row [1, N]) into the tiles, and kFuseTiles is the one-block
+// limit. What the contract leaves to this file: a thread's V elements start on a Philox
+// group boundary, so one Philox call yields 4 of its normals (two calls for 16-bit
+// types); loads and stores are 16-byte vectors for a thread's full chunks when every
+// pointer is 16-byte aligned (and, with several samples, N is a multiple of V),
+// otherwise the kernel instance with scalar accesses runs. Row sums of sum / batchmean go
+// to B slots of the workspace after the partials. With many samples and few tiles the
+// forward also splits the samples over blocks; the backward reduces nothing, uses flat
+// tiles of 256 * V elements and sums over samples per element.
 //
 // Emulation (FUSED_VAE_CUDA_EMULATE, tests only): the same source compiles as host C++
 // against csrc/emulate/cuda_emulation.h, which runs each block's threads concurrently.

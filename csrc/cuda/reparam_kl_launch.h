@@ -6,10 +6,7 @@
 //
 // Data layout (the CPU backend's): mu / logvar contiguous, viewed as [B, D] rows with
 // N = B * D elements; z is [S, N]; element i of z's flat index uses Philox group i / 4,
-// lane i % 4. The forward cuts the problem into row-aligned tiles (RowTiles below,
-// docs/design.md section 9) of at most kThreads * TileShape<T>::kVec elements; the
-// reduction tree depends on the shape only, never on the grid size, so the reduced KL is
-// bitwise reproducible.
+// lane i % 4. Tiles (RowTiles below) and reductions follow docs/design.md section 9.
 #pragma once
 
 #if defined(FUSED_VAE_CUDA_EMULATE)

@@ -10,17 +10,42 @@ from __future__ import annotations
 
 import os
 import warnings
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 import torch
 
-from . import build, cuda_emulation
-from .base import Backend
+from . import cuda_emulation, extension
 from .extension import ExtensionBackend
 from .reference import ReferenceBackend
 from .triton_backend import TritonBackend
 
 ENV_VAR = "FUSED_VAE_BACKEND"
+
+
+class Backend(Protocol):
+    """What every backend provides: the fused op for tensors of some device types.
+
+    ``reparam_kl`` has the contract of ``torch.ops.fused_vae.reparam_kl_fwd`` and is
+    differentiable with respect to mu and logvar.
+    """
+
+    name: str
+
+    def unavailable_reason(self, device_type: str) -> str | None:
+        """None when the backend can run on tensors of ``device_type``, else why not."""
+        ...
+
+    def reparam_kl(
+        self,
+        mu: torch.Tensor,
+        logvar: torch.Tensor,
+        seed: torch.Tensor,
+        num_samples: int,
+        kl_mode: int,
+        clamp_lo: float | None,
+        clamp_hi: float | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]: ...
+
 
 BACKENDS: dict[str, Backend] = {
     "reference": ReferenceBackend(),
@@ -66,7 +91,7 @@ def _local_device_types() -> tuple[str, ...]:
 
 
 def _extension_summary() -> str:
-    st = build.status()
+    st = extension.status()
     if not st.loaded:
         return f"not loaded ({st.reason})"
     how = "built ahead of time by setup.py" if st.how == "prebuilt" else "JIT-built with ninja, cached by torch"

@@ -20,9 +20,10 @@ import logging
 import os
 import threading
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
+
+from . import build
 
 log = logging.getLogger(__name__)
 
@@ -52,33 +53,25 @@ def enabled() -> bool:
     return os.environ.get(ENV_VAR) == "1"
 
 
-def _csrc_dir() -> Path:
-    package = Path(__file__).resolve().parents[1]
-    for candidate in (package / "_csrc", package.parent / "csrc"):
-        if (candidate / "emulate" / "cuda_emulation.h").is_file():
-            return candidate
-    raise FileNotFoundError(f"the emulation sources (csrc/emulate/) are not next to {package}")
-
-
 def sources() -> list[str]:
     """The emulated extension's source files (csrc/emulate/)."""
-    emulate = _csrc_dir() / "emulate"
+    emulate = build.csrc_dir() / "emulate"
     return [str(emulate / name) for name in SOURCE_FILES]
 
 
 def _build() -> None:
     from torch.utils.cpp_extension import load
 
-    root = _csrc_dir()
+    root = build.csrc_dir()
     log.warning("fused_vae: building the emulated CUDA extension %s (tests only; cached)", EXTENSION_NAME)
     load(
         name=EXTENSION_NAME,
         sources=sources(),
-        extra_include_paths=[str(root / "include"), str(root / "emulate"), str(root / "cuda")],
+        extra_include_paths=[str(build.include_dir(root)), str(root / "emulate"), str(root / "cuda")],
         extra_cflags=CXX_FLAGS,
         with_cuda=False,
         is_python_module=False,
-        verbose=os.environ.get("FUSED_VAE_VERBOSE_BUILD") == "1",
+        verbose=build.verbose(),
     )
 
 

@@ -25,15 +25,22 @@ BWD_SCHEMA = (
     "int kl_mode, float? clamp_lo, float? clamp_hi) -> (Tensor, Tensor)"
 )
 
-# KL modes (csrc/include/fused_vae/protocol.h has the same numbers).
+# KL modes (enum KlMode in csrc/include/fused_vae/elementwise.h has the same numbers).
 KL_SKIP = 0  # no KL output (reparameterize)
-KL_NONE = 1  # per element, mu's shape and dtype
+KL_ELEMENTWISE = 1  # reduction "none": per element, mu's shape and dtype
 KL_PER_SAMPLE = 2  # [B], accumulation dtype
 KL_SUM = 3  # scalar, accumulation dtype
 KL_BATCHMEAN = 4  # scalar sum / B, accumulation dtype
-KL_MODES = {"none": KL_NONE, "per_sample": KL_PER_SAMPLE, "sum": KL_SUM, "batchmean": KL_BATCHMEAN}
+KL_MODES = {"none": KL_ELEMENTWISE, "per_sample": KL_PER_SAMPLE, "sum": KL_SUM, "batchmean": KL_BATCHMEAN}
 
 SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+_DTYPE_NAMES = [str(d).removeprefix("torch.") for d in SUPPORTED_DTYPES]
+
+
+def unsupported_dtype(name: str, dtype: object) -> TypeError:
+    """The error for a dtype outside SUPPORTED_DTYPES: "NAME must be float32, float64,
+    float16 or bfloat16, got DTYPE" (check_common in op_common.h writes the same text)."""
+    return TypeError(f"{name} must be {', '.join(_DTYPE_NAMES[:-1])} or {_DTYPE_NAMES[-1]}, got {dtype}")
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -58,7 +65,7 @@ def empty_kl_value(kl_mode: int, batch: int) -> float:
 
 def grad_kl_numel(kl_mode: int, mu: torch.Tensor) -> int:
     """Number of elements the KL output (and so grad_kl) has for ``kl_mode``."""
-    if kl_mode == KL_NONE:
+    if kl_mode == KL_ELEMENTWISE:
         return mu.numel()
     if kl_mode == KL_PER_SAMPLE:
         return mu.shape[0]
@@ -67,14 +74,14 @@ def grad_kl_numel(kl_mode: int, mu: torch.Tensor) -> int:
 
 def grad_kl_dtype(kl_mode: int, dtype: torch.dtype) -> torch.dtype:
     """dtype of the KL output (and so grad_kl): mu's for "none", else the accumulation dtype."""
-    return dtype if kl_mode == KL_NONE else acc_dtype(dtype)
+    return dtype if kl_mode == KL_ELEMENTWISE else acc_dtype(dtype)
 
 
 def alloc_outputs(mu: torch.Tensor, num_samples: int, kl_mode: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Uninitialised (z, kl) of a forward op: z ``[num_samples, *mu.shape]`` contiguous (or
     ``[0]``), kl per ``kl_mode``: ``mu.shape``, ``[B]``, ``[]`` or ``[0]`` when skipped."""
     z = mu.new_empty((num_samples, *mu.shape)) if num_samples > 0 else mu.new_empty(0)
-    if kl_mode == KL_NONE:
+    if kl_mode == KL_ELEMENTWISE:
         kl = mu.new_empty(mu.shape)
     elif kl_mode == KL_PER_SAMPLE:
         kl = mu.new_empty(mu.shape[0], dtype=acc_dtype(mu.dtype))
@@ -107,7 +114,7 @@ def check_fwd_args(mu: torch.Tensor, logvar: torch.Tensor, seed: torch.Tensor, n
     if logvar.shape != mu.shape:
         raise ValueError(f"fused_vae: logvar shape {_sizes(logvar)} must equal mu shape {_sizes(mu)}")
     if mu.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"fused_vae: mu must be float32, float64, float16 or bfloat16, got {mu.dtype}")
+        raise unsupported_dtype("fused_vae: mu", mu.dtype)
     if logvar.dtype != mu.dtype:
         raise TypeError(f"fused_vae: logvar dtype {logvar.dtype} must equal mu dtype {mu.dtype}")
     if logvar.device != mu.device:

@@ -43,7 +43,7 @@ def forward_from_eps(
     if kl_mode == P.KL_SKIP:
         return z, mu.new_empty(0)
     elem = 0.5 * (m * m + torch.exp(lv) - lv - 1.0)
-    if kl_mode == P.KL_NONE:
+    if kl_mode == P.KL_ELEMENTWISE:
         return z, elem.to(mu.dtype)
     batch = mu.shape[0]
     rows = elem.reshape(batch, -1).sum(dim=1) if batch else elem.new_zeros(0)

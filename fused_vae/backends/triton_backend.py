@@ -21,7 +21,6 @@ from __future__ import annotations
 import importlib
 import os
 import threading
-from typing import Optional
 
 import torch
 
@@ -80,31 +79,16 @@ def kernels():
     return _kernels
 
 
+# The schemas are given, so the functions need no type annotations.
 @torch.library.custom_op(FWD_NAME, mutates_args=(), schema=P.FWD_SCHEMA)
-def triton_reparam_kl_fwd(
-    mu: torch.Tensor,
-    logvar: torch.Tensor,
-    seed: torch.Tensor,
-    num_samples: int,
-    kl_mode: int,
-    clamp_lo: Optional[float],
-    clamp_hi: Optional[float],
-) -> tuple[torch.Tensor, torch.Tensor]:
+def triton_reparam_kl_fwd(mu, logvar, seed, num_samples, kl_mode, clamp_lo, clamp_hi):
+    """The forward op of the protocol, run by the Triton kernels."""
     return kernels().reparam_kl_fwd(mu, logvar, seed, num_samples, kl_mode, clamp_lo, clamp_hi)
 
 
 @torch.library.custom_op(BWD_NAME, mutates_args=(), schema=P.BWD_SCHEMA)
-def triton_reparam_kl_bwd(
-    grad_z: Optional[torch.Tensor],
-    grad_kl: Optional[torch.Tensor],
-    mu: torch.Tensor,
-    logvar: torch.Tensor,
-    seed: torch.Tensor,
-    num_samples: int,
-    kl_mode: int,
-    clamp_lo: Optional[float],
-    clamp_hi: Optional[float],
-) -> tuple[torch.Tensor, torch.Tensor]:
+def triton_reparam_kl_bwd(grad_z, grad_kl, mu, logvar, seed, num_samples, kl_mode, clamp_lo, clamp_hi):
+    """The backward op of the protocol, run by the Triton kernels."""
     return kernels().reparam_kl_bwd(grad_z, grad_kl, mu, logvar, seed, num_samples, kl_mode, clamp_lo, clamp_hi)
 
 

@@ -14,12 +14,9 @@ of a Philox group sit in the last dimension: when every row starts on a group bo
 computes its own group and picks its lane, which is 4x the Philox work but the same
 stream.
 
-Reductions (docs/design.md section 9, the design of every backend): a program sums its
-tile per row (fixed tree order) and writes the row sums, or with rows cut into NC > 1
-chunks the partials ``[B, NC]`` in the accumulation dtype; the row pass
-(``_rowsum_kernel``) sums each row's chunks in a fixed order; ``sum`` / ``batchmean``
-(``_total_kernel``, one program) add the B row sums in float64 in a fixed order and
-divide by B for batchmean. No atomics.
+Reductions follow docs/design.md section 9 (the Triton row of its table): the tiles
+above, the row pass ``_rowsum_kernel`` over the ``[B, NC]`` partials and the total
+``_total_kernel``.
 
 Offsets are int64 throughout; the seed is loaded from a device tensor (never read on
 the host). Math is float32 (float64 for float64 inputs); the noise is float32.
@@ -40,7 +37,7 @@ from . import protocol as P
 
 # KL modes of the op protocol, as compile-time constants of the kernels.
 KL_SKIP: tl.constexpr = tl.constexpr(P.KL_SKIP)
-KL_NONE: tl.constexpr = tl.constexpr(P.KL_NONE)
+KL_ELEMENTWISE: tl.constexpr = tl.constexpr(P.KL_ELEMENTWISE)
 KL_PER_SAMPLE: tl.constexpr = tl.constexpr(P.KL_PER_SAMPLE)
 KL_SUM: tl.constexpr = tl.constexpr(P.KL_SUM)
 
@@ -118,30 +115,12 @@ def _clamp(v, lo, hi, HAS_LO: tl.constexpr, HAS_HI: tl.constexpr, IS_F64: tl.con
 
 @triton.jit
 def _fwd_kernel(
-    mu_ptr,
-    lv_ptr,
-    z_ptr,
-    kl_ptr,
-    part_ptr,
-    seed_ptr,
-    R,
-    C,
-    N,
-    SN,
-    NC,
-    lo: "fp64",
-    hi: "fp64",
-    ROWS: tl.constexpr,
-    CH4: tl.constexpr,
-    FLAT: tl.constexpr,
-    ALIGNED: tl.constexpr,
-    HAS_LO: tl.constexpr,
-    HAS_HI: tl.constexpr,
-    KL_ELEM: tl.constexpr,
-    KL_RED: tl.constexpr,
-    KL_FINAL: tl.constexpr,
-    IS_F64: tl.constexpr,
-):
+    mu_ptr, lv_ptr, z_ptr, kl_ptr, part_ptr, seed_ptr,
+    R, C, N, SN, NC, lo: "fp64", hi: "fp64",
+    ROWS: tl.constexpr, CH4: tl.constexpr, FLAT: tl.constexpr, ALIGNED: tl.constexpr,
+    HAS_LO: tl.constexpr, HAS_HI: tl.constexpr,
+    KL_IS_ELEMENTWISE: tl.constexpr, KL_RED: tl.constexpr, KL_FINAL: tl.constexpr, IS_F64: tl.constexpr,
+):  # fmt: skip
     pid = tl.program_id(0).to(tl.int64)
     seed = tl.load(seed_ptr)  # first, so its latency overlaps the loads and the KL reduction
     row, j0, j, mask = _tile_index(pid, R, C, NC, ROWS, CH4, FLAT)
@@ -149,7 +128,7 @@ def _fwd_kernel(
     v = _to_acc(tl.load(lv_ptr + j, mask=mask, other=0.0), IS_F64)
     v = _clamp(v, lo, hi, HAS_LO, HAS_HI, IS_F64)
     sd = tl.exp(0.5 * v)
-    if KL_ELEM:
+    if KL_IS_ELEMENTWISE:
         kl = 0.5 * (m * m + sd * sd - v - 1.0)
         tl.store(kl_ptr + j, kl.to(kl_ptr.dtype.element_ty), mask=mask)
     if KL_RED:
@@ -170,38 +149,21 @@ def _fwd_kernel(
 
 @triton.jit
 def _bwd_kernel(
-    gz_ptr,
-    gkl_ptr,
-    mu_ptr,
-    lv_ptr,
-    gmu_ptr,
-    glv_ptr,
-    seed_ptr,
-    R,
-    C,
-    N,
-    SN,
-    NC,
-    lo: "fp64",
-    hi: "fp64",
-    div: "fp64",
-    ROWS: tl.constexpr,
-    CH4: tl.constexpr,
-    FLAT: tl.constexpr,
-    ALIGNED: tl.constexpr,
-    HAS_LO: tl.constexpr,
-    HAS_HI: tl.constexpr,
+    gz_ptr, gkl_ptr, mu_ptr, lv_ptr, gmu_ptr, glv_ptr, seed_ptr,
+    R, C, N, SN, NC, lo: "fp64", hi: "fp64", div: "fp64",
+    ROWS: tl.constexpr, CH4: tl.constexpr, FLAT: tl.constexpr, ALIGNED: tl.constexpr,
+    HAS_LO: tl.constexpr, HAS_HI: tl.constexpr,
     HAS_GZ: tl.constexpr,
     GKL_MODE: tl.constexpr,  # the KL mode of grad_kl, KL_SKIP when there is none
     IS_F64: tl.constexpr,
-):
+):  # fmt: skip
     pid = tl.program_id(0).to(tl.int64)
     row, j0, j, mask = _tile_index(pid, R, C, NC, ROWS, CH4, FLAT)
     m = _to_acc(tl.load(mu_ptr + j, mask=mask, other=0.0), IS_F64)
     raw = _to_acc(tl.load(lv_ptr + j, mask=mask, other=0.0), IS_F64)
     v = _clamp(raw, lo, hi, HAS_LO, HAS_HI, IS_F64)
     sd = tl.exp(0.5 * v)
-    if GKL_MODE == KL_NONE:
+    if GKL_MODE == KL_ELEMENTWISE:
         gkl = _to_acc(tl.load(gkl_ptr + j, mask=mask, other=0.0), IS_F64)
     elif GKL_MODE == KL_PER_SAMPLE:
         if FLAT:
@@ -399,7 +361,7 @@ def _launch_fwd(p, mu_c, lv_c, z, kl, part, seed_t, N, num_samples, kl_mode, cla
         mu_c, lv_c, z if num_samples > 0 else mu_c, kl if kl.numel() > 0 else mu_c, part if part.numel() else mu_c,
         seed_t, p.rows, p.cols, N, num_samples * N, p.NC, lo, hi,
         ROWS=p.ROWS, CH4=p.CH4, FLAT=p.rows == 1, ALIGNED=_aligned(p, num_samples, N),
-        HAS_LO=has_lo, HAS_HI=has_hi, KL_ELEM=kl_mode == P.KL_NONE, KL_RED=reduced,
+        HAS_LO=has_lo, HAS_HI=has_hi, KL_IS_ELEMENTWISE=kl_mode == P.KL_ELEMENTWISE, KL_RED=reduced,
         KL_FINAL=final, IS_F64=is_f64, num_warps=p.num_warps,
     )  # fmt: skip
     if not reduced or final:

@@ -30,6 +30,7 @@ from collections.abc import Iterator, Sequence
 import torch
 
 import fused_vae as fv
+from fused_vae._validation import draw_seed
 
 __all__ = ["DiagonalGaussianDistribution", "is_patched", "patch", "patched", "seed_from_generator", "unpatch"]
 
@@ -47,9 +48,7 @@ def seed_from_generator(generator: torch.Generator | None) -> torch.Tensor | Non
     """
     if generator is None:
         return None
-    return torch.randint(
-        -(2**63), 2**63 - 1, (), dtype=torch.int64, device=generator.device, generator=generator
-    )
+    return draw_seed(generator.device, generator)
 
 
 def _row_seeds(generator: Sequence[torch.Generator], batch: int) -> list[torch.Tensor]:

@@ -8,7 +8,7 @@
 
 from __future__ import annotations
 
-from .base import ACTIVATIONS, VAE
+from .base import ACTIVATIONS, OBJECTIVES, VAE, check_train_samples
 from .conv import ConvVAE
 from .distributions import DiagonalGaussian, standard_normal_log_prob
 from .likelihoods import LIKELIHOODS, BernoulliLikelihood, GaussianLikelihood, Likelihood, build_likelihood
@@ -40,6 +40,7 @@ __all__ = [
     "ACTIVATIONS",
     "LIKELIHOODS",
     "MODELS",
+    "OBJECTIVES",
     "VAE",
     "BernoulliLikelihood",
     "ConvVAE",
@@ -49,6 +50,7 @@ __all__ = [
     "MLPVAE",
     "build_likelihood",
     "build_model",
+    "check_train_samples",
     "derive_seed",
     "free_bits_kl",
     "kl_warmup_beta",

@@ -9,8 +9,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..models import ACTIVATIONS
-from ..models.base import OBJECTIVES
+from ..backends import BACKENDS
+from ..models import ACTIVATIONS, LIKELIHOODS, MODELS, OBJECTIVES, check_train_samples, kl_warmup_beta
 from .optim import SCHEDULES
 
 
@@ -26,7 +26,7 @@ def _f(default, help: str, *, group: str, choices=None, type=None, nargs=None, m
 
 
 DATASETS = ("digits", "mnist", "fashion-mnist", "folder", "tensor")
-BACKEND_NAMES = ("cpu", "cuda", "triton", "reference")
+BACKEND_NAMES = tuple(sorted(BACKENDS, key=lambda name: name == "reference"))  # the fallback last
 
 
 @dataclass
@@ -56,7 +56,7 @@ class TrainConfig:
 
     # model
     model: str = _f("mlp", "architecture: mlp (fully connected) or conv (convolutional)", group="model",
-                    choices=("mlp", "conv"))
+                    choices=tuple(MODELS))
     latent_dim: int = _f(50, "number of latent units", group="model", type=int)
     hidden: list = _f([200, 200], "mlp: hidden layer widths (IWAE paper: 200 200); conv: first value is the "
                       "dense layer width", group="model", type=int, nargs="+")
@@ -64,7 +64,7 @@ class TrainConfig:
     activation: str | None = _f(None, "hidden activation (tanh, relu, silu, gelu, elu, softplus); default tanh "
                                 "for mlp, silu for conv", group="model", type=str)
     likelihood: str = _f("bernoulli", "p(x|z): bernoulli (BCE with logits, data in [0, 1]) or gaussian "
-                         "(MSE with variance sigma^2)", group="model", choices=("bernoulli", "gaussian"))
+                         "(MSE with variance sigma^2)", group="model", choices=LIKELIHOODS)
     sigma: float = _f(0.1, "gaussian likelihood: standard deviation (initial value with --learn-sigma)",
                       group="model", type=float)
     learn_sigma: bool = _f(False, "gaussian likelihood: learn one shared sigma", group="model")
@@ -237,9 +237,12 @@ class TrainConfig:
         need(self.lr > 0, f"lr must be > 0, got {self.lr}")
         need(self.adam_eps > 0, f"adam_eps must be > 0, got {self.adam_eps}")
         need(self.train_samples >= 1, f"train_samples must be >= 1, got {self.train_samples}")
-        need(self.objective != "iwae" or (self.beta == 1.0 and self.kl_warmup_steps == 0 and self.free_bits == 0),
-             "objective 'iwae' trains the bound itself: it needs beta = 1, kl_warmup_steps = 0 and free_bits = 0, "
-             f"got beta={self.beta}, kl_warmup_steps={self.kl_warmup_steps}, free_bits={self.free_bits}")
+        try:  # the objective's own rules, with the KL weight of the first step
+            check_train_samples(self.objective, self.train_samples,
+                                kl_warmup_beta(0, self.beta, self.kl_warmup_steps), self.free_bits)
+        except ValueError as e:
+            warmup = f" (kl_warmup_steps={self.kl_warmup_steps})" if self.kl_warmup_steps > 0 else ""
+            raise ConfigError(f"{source}: {e}{warmup}") from None
         need(self.backend is None or self.backend in BACKEND_NAMES,
              f"backend must be one of {', '.join(BACKEND_NAMES)} (leave it out for the automatic choice), "
              f"got {self.backend!r}")

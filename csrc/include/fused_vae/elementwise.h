@@ -1,4 +1,5 @@
-// Per-element math of the fused op, shared by the CPU and CUDA kernels.
+// What the CPU and CUDA kernels share (torch-free, host and device): the op protocol's
+// KL modes and the per-element math of the fused op,
 //   z   = mu + exp(0.5 * lv) * eps
 //   kl  = 0.5 * (mu^2 + exp(lv) - lv - 1)
 //   dmu = sum_s gz_s + gkl * mu
@@ -6,10 +7,21 @@
 // where lv is logvar after the optional clamp, whose gradient is zero outside [lo, hi].
 #pragma once
 
+#include <cstdint>
+
 #include "fused_vae/fast_math.h"
-#include "fused_vae/protocol.h"
 
 namespace fused_vae {
+
+// How the KL output is produced; the numbers are part of the op schema and equal the
+// KL_* constants of fused_vae/backends/protocol.py (a test compares them).
+enum KlMode : int64_t {
+  kKlSkip = 0,         // no KL output (reparameterize)
+  kKlElementwise = 1,  // reduction "none": mu's shape and dtype
+  kKlPerSample = 2,    // [B], accumulation dtype
+  kKlSum = 3,          // scalar, accumulation dtype
+  kKlBatchMean = 4,    // scalar sum / B, accumulation dtype
+};
 
 // Optional clamp of logvar. Absent bounds are -inf / +inf, so apply() is branch-free.
 struct ClampSpec {

@@ -19,25 +19,18 @@
 
 namespace fused_vae {
 
-FV_HD uint32_t float_bits(float x) {
-#if defined(__CUDA_ARCH__)
-  return __float_as_uint(x);
-#else
-  uint32_t u;
-  std::memcpy(&u, &x, sizeof(u));
-  return u;
-#endif
+// std::bit_cast for C++17: a fixed-size memcpy, which host compilers and nvcc turn into a
+// register move.
+template <typename To, typename From>
+FV_HD To bit_cast(const From& x) {
+  static_assert(sizeof(To) == sizeof(From), "bit_cast needs types of one size");
+  To out;
+  memcpy(&out, &x, sizeof(To));
+  return out;
 }
 
-FV_HD float bits_float(uint32_t u) {
-#if defined(__CUDA_ARCH__)
-  return __uint_as_float(u);
-#else
-  float x;
-  std::memcpy(&x, &u, sizeof(x));
-  return x;
-#endif
-}
+FV_HD uint32_t float_bits(float x) { return bit_cast<uint32_t>(x); }
+FV_HD float bits_float(uint32_t u) { return bit_cast<float>(u); }
 
 // 2**n for n in [-126, 127].
 FV_HD float exp2_int(int32_t n) {

@@ -8,7 +8,6 @@
 #include <string>
 
 #include "fused_vae/elementwise.h"
-#include "fused_vae/protocol.h"
 
 namespace fused_vae {
 
@@ -62,6 +61,8 @@ inline std::string dtype_name(at::ScalarType t) {
   }
 }
 
+// SUPPORTED_DTYPES of fused_vae/backends/protocol.py; check_common's message is the text of
+// protocol.unsupported_dtype (tests/test_op_protocol.py holds every backend to it).
 inline bool supported_dtype(at::ScalarType t) {
   return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
 }
