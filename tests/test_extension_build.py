@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 import fused_vae as fv
-from conftest import run_python
+from helpers import run_python
 from fused_vae.backends import build
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import fused_vae as fv
-from conftest import REDUCTIONS, make_inputs
+from helpers import REDUCTIONS, make_inputs
 from independent import math64
 
 
