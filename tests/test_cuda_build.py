@@ -7,7 +7,8 @@ are compiled against the installed torch's headers; a CPU-only torch wheel lacks
 c10/cuda/impl/cuda_cmake_macros.h (a generated header of export macros), which
 -DC10_CUDA_NO_CMAKE_CONFIGURE_FILE skips. The objects are then linked into one shared
 object to catch duplicate symbols (e.g. a second TORCH_LIBRARY_IMPL or a kernel
-instantiated twice). All compiles run in parallel.
+instantiated twice). Each source is compiled once, for both architectures (one host
+compile, one device compile per architecture); the compiles run in parallel.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CSRC = ROOT / "csrc"
 CUDA_DIR = CSRC / "cuda"
 ARCHS = ("80", "90")
+GENCODES = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in ARCHS]
 TORCH_INCLUDE = re.compile(r"^\s*#\s*include\s*[<\"](torch|ATen|c10)/", re.M)
 # The defines torch's extension builds pass to nvcc (torch.utils.cpp_extension).
 TORCH_NVCC_DEFINES = [
@@ -72,8 +74,8 @@ def torch_flags() -> list[str]:
     return flags
 
 
-def compile_command(src: Path, arch: str, out: Path) -> list[str]:
-    cmd = [NVCC, *COMMON, f"-gencode=arch=compute_{arch},code=sm_{arch}", "-Xcompiler", "-fPIC"]
+def compile_command(src: Path, out: Path) -> list[str]:
+    cmd = [NVCC, *COMMON, *GENCODES, "-Xcompiler", "-fPIC"]
     if uses_torch(src):
         # Host glue without kernels: -O0 halves the host compile of torch's headers.
         cmd += ["-O0", *torch_flags()]
@@ -84,13 +86,12 @@ def compile_command(src: Path, arch: str, out: Path) -> list[str]:
 
 @pytest.fixture(scope="module")
 def compiled(tmp_path_factory):
-    """Runs every (source, arch) compile in parallel; maps the pair to (cmd, rc, log, obj)."""
+    """Runs every source's compile in parallel; maps its name to (cmd, rc, log, obj)."""
     outdir = tmp_path_factory.mktemp("nvcc")
     jobs = {}
     for src in SOURCES:
-        for arch in ARCHS:
-            obj = outdir / f"{src.stem}.sm{arch}.o"
-            jobs[(src.name, arch)] = (compile_command(src, arch, obj), obj)
+        obj = outdir / f"{src.stem}.o"
+        jobs[src.name] = (compile_command(src, obj), obj)
 
     def run(item):
         key, (cmd, obj) = item
@@ -113,7 +114,7 @@ def test_sources_present():
 
 
 def test_emulated_build_compiles_these_sources():
-    # tests/test_cuda_emulated.py runs these files (as host C++), not copies of them.
+    # tests/test_cuda.py runs these files on the emulated device (as host C++), not copies of them.
     emulate = CSRC / "emulate"
     assert '#include "../cuda/kernels_instantiate.cu"' in (emulate / "emulated_kernels.cpp").read_text()
     assert '#include "../cuda/reparam_kl_cuda.cu"' in (emulate / "emulated_ops.cpp").read_text()
@@ -125,23 +126,21 @@ def test_one_cuda_registration():
     assert impls == ["reparam_kl_cuda.cu"], impls
 
 
-@pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("source", [s.name for s in SOURCES])
-def test_nvcc_compiles(compiled, source, arch):
-    cmd, rc, log, obj = compiled[(source, arch)]
-    assert rc == 0, f"nvcc failed ({rc}) for {source} sm_{arch}:\n{' '.join(cmd)}\n{log[-6000:]}"
+def test_nvcc_compiles(compiled, source):
+    cmd, rc, log, obj = compiled[source]
+    assert rc == 0, f"nvcc failed ({rc}) for {source}:\n{' '.join(cmd)}\n{log[-6000:]}"
     assert obj.is_file() and obj.stat().st_size > 0
 
 
-@pytest.mark.parametrize("arch", ARCHS)
-def test_objects_link_without_duplicates(compiled, arch, tmp_path):
-    objs = [compiled[(s.name, arch)][3] for s in SOURCES]
+def test_objects_link_without_duplicates(compiled, tmp_path):
+    objs = [compiled[s.name][3] for s in SOURCES]
     if not all(o.is_file() for o in objs):
         pytest.fail("a CUDA source failed to compile (see test_nvcc_compiles)")
     # Undefined torch symbols are fine in a shared object; duplicate definitions are not.
-    out = tmp_path / f"fused_vae_cuda_sm{arch}.so"
+    out = tmp_path / "fused_vae_cuda.so"
     proc = subprocess.run(
-        [NVCC, "-shared", f"-gencode=arch=compute_{arch},code=sm_{arch}", *map(str, objs), "-o", str(out)],
+        [NVCC, "-shared", *GENCODES, *map(str, objs), "-o", str(out)],
         capture_output=True,
         text=True,
         timeout=TIMEOUT_S,
