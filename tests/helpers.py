@@ -58,6 +58,13 @@ def is_simulated(backend_case) -> bool:
     return tuple(backend_case) in (("triton", "cpu"), ("cuda", "cpu"))
 
 
+def gradcheck_shape(backend_case, shape):
+    """The input shape for torch.autograd.gradcheck / gradgradcheck, which cost a backward
+    per input element: (2, 3) on the slow simulated devices (still D % 4 != 0, so Philox
+    groups straddle rows), else ``shape``. Those devices also use fast_mode."""
+    return (2, 3) if is_simulated(backend_case) else shape
+
+
 def make_inputs(shape, dtype, device, seed, *, lv_scale=1.0, requires_grad=False):
     """Fresh normal mu and logvar of ``shape`` from a seeded generator (never all zeros),
     made in float64 on the CPU, then cast to ``dtype`` and moved to ``device``."""

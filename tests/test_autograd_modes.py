@@ -14,15 +14,9 @@ import torch.autograd.forward_ad as fwAD
 from torch.utils.checkpoint import checkpoint
 
 import fused_vae as fv
-from helpers import REDUCTIONS, is_simulated, make_inputs
+from helpers import REDUCTIONS, gradcheck_shape, is_simulated, make_inputs
 
 SHAPE = (3, 5)
-
-
-def gradgrad_shape(backend):
-    """gradgradcheck costs a backward per input element: fewer elements on the slow
-    simulated devices (still D % 4 != 0, so Philox groups straddle rows)."""
-    return (2, 3) if is_simulated(backend) else SHAPE
 
 
 def gradgradcheck(backend, fn, inputs):
@@ -50,14 +44,14 @@ def away_from_clamp_bounds(lv, bounds):
 @pytest.mark.parametrize("num_samples", [None, 2])
 def test_gradgradcheck_float64(backend, reduction, num_samples):
     name, device = backend
-    mu, lv = make_inputs(gradgrad_shape(backend), torch.float64, device, seed=31, requires_grad=True)
+    mu, lv = make_inputs(gradcheck_shape(backend, SHAPE), torch.float64, device, seed=31, requires_grad=True)
     fn = op(name, reduction, num_samples)
     assert gradgradcheck(backend, fn, (mu, lv))
 
 
 def test_gradgradcheck_with_clamp_and_one_output(backend):
     name, device = backend
-    mu, lv = make_inputs(gradgrad_shape(backend), torch.float64, device, seed=32, lv_scale=2.0, requires_grad=True)
+    mu, lv = make_inputs(gradcheck_shape(backend, SHAPE), torch.float64, device, seed=32, lv_scale=2.0, requires_grad=True)
     away_from_clamp_bounds(lv, (-1.0, 1.0))
     both = op(name, "sum", clamp=(-1.0, 1.0))
     assert gradgradcheck(backend, both, (mu, lv))
