@@ -33,6 +33,18 @@ def pytest_configure(config):
     settings.load_profile("fused_vae")
 
 
+def pytest_collection_finish(session):
+    """Lets each selected test module start its slow preparation (a module function
+    ``start_in_background``, e.g. test_cuda_build.py's nvcc compiles) before the first
+    test runs, so that it overlaps the tests before that module's."""
+    if session.config.option.collectonly:
+        return
+    for module in {item.module for item in session.items if getattr(item, "module", None) is not None}:
+        start = getattr(module, "start_in_background", None)
+        if start is not None:
+            start()
+
+
 @pytest.fixture
 def cuda_emulation(request, monkeypatch):
     """Turns the emulated CUDA device on for one test: the CUDA kernels, compiled as host

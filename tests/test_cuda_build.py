@@ -8,16 +8,19 @@ c10/cuda/impl/cuda_cmake_macros.h (a generated header of export macros), which
 -DC10_CUDA_NO_CMAKE_CONFIGURE_FILE skips. The objects are then linked into one shared
 object to catch duplicate symbols (e.g. a second TORCH_LIBRARY_IMPL or a kernel
 instantiated twice). Each source is compiled once, for both architectures (one host
-compile, one device compile per architecture); the compiles run in parallel.
+compile, one device compile per architecture); the compiles run in parallel, in the
+background from the end of collection on (see start_in_background).
 """
 
 from __future__ import annotations
 
+import atexit
 import os
 import re
 import shutil
+import signal
 import subprocess
-from concurrent.futures import ThreadPoolExecutor
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -84,23 +87,50 @@ def compile_command(src: Path, out: Path) -> list[str]:
     return [*cmd, "-c", str(src), "-o", str(out)]
 
 
-@pytest.fixture(scope="module")
-def compiled(tmp_path_factory):
-    """Runs every source's compile in parallel; maps its name to (cmd, rc, log, obj)."""
-    outdir = tmp_path_factory.mktemp("nvcc")
-    jobs = {}
+# source name -> (command, process, log file, object), once started.
+_JOBS: dict[str, tuple[list[str], subprocess.Popen, object, Path]] = {}
+
+
+def start_in_background() -> None:
+    """Starts every source's compile (once) without waiting for it. conftest's
+    pytest_collection_finish calls this when a test of this module is selected, so the
+    compiles (over a minute of host compile of torch's headers) run on the core that
+    pytest leaves idle while the tests before these run."""
+    if _JOBS or NVCC is None:
+        return
+    outdir = Path(tempfile.mkdtemp(prefix="fused_vae_nvcc_"))
+    atexit.register(_stop, outdir)
     for src in SOURCES:
         obj = outdir / f"{src.stem}.o"
-        jobs[src.name] = (compile_command(src, obj), obj)
+        cmd = compile_command(src, obj)
+        log = open(outdir / f"{src.stem}.log", "w+")  # noqa: SIM115 (closed by _stop)
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
+        _JOBS[src.name] = (cmd, proc, log, obj)
 
-    def run(item):
-        key, (cmd, obj) = item
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT_S, cwd=ROOT)
-        return key, (cmd, proc.returncode, proc.stdout + proc.stderr, obj)
 
-    workers = max(2, min(len(jobs), os.cpu_count() or 2))
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        results = dict(pool.map(run, jobs.items()))
+def _stop(outdir: Path) -> None:
+    """Ends compiles still running at exit (nvcc and its children) and removes their files."""
+    for _, proc, log, _ in _JOBS.values():
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        log.close()
+    shutil.rmtree(outdir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    """Waits for every source's compile; maps its name to (cmd, rc, log, obj)."""
+    start_in_background()
+    results = {}
+    for name, (cmd, proc, log, obj) in _JOBS.items():
+        try:
+            rc = proc.wait(timeout=TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            rc = proc.wait()
+        log.seek(0)
+        results[name] = (cmd, rc, log.read(), obj)
     return results
 
 
