@@ -12,7 +12,8 @@
 #   env               versions, GPU and driver (nvidia-smi), tools
 #   build             JIT build of the extension (ptxas register/spill report in the log),
 #                     the cuda and triton backends available on the device
-#   gpu_tests         pytest -m "$GPU_MARK" (the GPU-only tests)
+#   gpu_tests         pytest -m "$GPU_MARK": every test on the real GPU (the CUDA and Triton
+#                     suites' cuda cases and the hardware-only tests)
 #   contract          the shared contract suite on the device (-k "$CONTRACT_K")
 #   bandwidth         benchmarks/bandwidth.py: fwd and fwd+bwd at 64M elements vs. copy
 #   bench_gpu         benchmarks/bench_gpu.py --quick at the target sizes

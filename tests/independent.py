@@ -71,3 +71,15 @@ def reduce64(kl: torch.Tensor, reduction: str) -> torch.Tensor:
         return rows
     total = rows.sum()
     return total / b if reduction == "batchmean" else total
+
+
+def grads64(mu, logvar, seed, num_samples, reduction, gz, gkl, clamp=None):
+    """d(z, kl)/d(mu, logvar) against output gradients (gz [S, *shape], gkl of the reduced
+    KL's shape) by float64 autograd of the math above; float64 CPU tensors."""
+    m = mu.detach().double().cpu().requires_grad_()
+    l_raw = logvar.detach().double().cpu().requires_grad_()
+    lv = l_raw.clamp(min=clamp[0], max=clamp[1]) if clamp is not None else l_raw
+    eps = torch.from_numpy(stream(seed, num_samples * m.numel()).astype(np.float64)).reshape(num_samples, *m.shape)
+    z = m + torch.exp(0.5 * lv) * eps
+    kl = reduce64(0.5 * (m * m + torch.exp(lv) - lv - 1.0), reduction)
+    return torch.autograd.grad((z, kl), (m, l_raw), (gz.double().cpu(), gkl.double().cpu()))

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import fused_vae as fv
-from conftest import run_python
+from helpers import run_python
 from fused_vae import backends
 
 

@@ -13,7 +13,7 @@ import fused_vae as fv
 from fused_vae.models import MLPVAE
 from fused_vae.training.optim import make_scheduler
 
-from conftest import ROOT
+from helpers import ROOT
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 

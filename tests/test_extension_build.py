@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 import fused_vae as fv
-from conftest import run_python
+from helpers import run_python
 from fused_vae.backends import build
 
 

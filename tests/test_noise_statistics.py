@@ -8,7 +8,7 @@ import torch
 from scipy import stats
 
 import fused_vae as fv
-from conftest import is_interpreted
+from helpers import is_simulated
 
 
 def draw(backend, n: int, seed: int, num_samples=None, logvar=0.0) -> np.ndarray:
@@ -20,7 +20,7 @@ def draw(backend, n: int, seed: int, num_samples=None, logvar=0.0) -> np.ndarray
 
 
 def sample_size(backend) -> int:
-    return 2**14 if is_interpreted(backend) else 2**19
+    return 2**14 if is_simulated(backend) else 2**19
 
 
 @pytest.mark.parametrize("seed", [0, 2**63 + 977])

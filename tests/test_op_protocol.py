@@ -15,7 +15,7 @@ import torch
 import fused_vae as fv
 from fused_vae.backends import protocol as P
 from fused_vae.backends import reference
-from conftest import backend_op_pair, make_inputs
+from helpers import backend_op_pair, make_inputs
 
 
 def backend_ops(backend):

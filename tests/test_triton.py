@@ -1,9 +1,10 @@
 """Triton backend specifics: noise layout, 64-bit offsets, tiling, deterministic reductions,
-availability, kernels compiling for the GPU without one, and (on CUDA) seeds without
+availability, kernels compiling for the GPU without one, and (on a GPU only) seeds without
 host synchronisation and fresh noise on CUDA-graph replays.
 
-On a machine without CUDA these run on CPU tensors through the Triton interpreter
-(conftest sets TRITON_INTERPRET=1), so sizes are small.
+The `device` fixture runs each test on a real GPU ("cuda", when there is one) and on CPU
+tensors through the Triton interpreter (conftest's pytest_configure sets TRITON_INTERPRET=1
+on a machine without CUDA), at smaller sizes there.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import pytest
 import torch
 
 import fused_vae as fv
-from conftest import make_inputs
+from helpers import make_inputs
 from fused_vae import _validation as V
 from fused_vae.backends import reference
 from fused_vae.backends import triton_backend as TB
@@ -34,13 +35,12 @@ K = TB.kernels()
 DEVICES = [d for d in ("cpu", "cuda") if TB.TritonBackend().unavailable_reason(d) is None]
 if not DEVICES:
     pytest.skip("the triton backend is unavailable on every local device", allow_module_level=True)
-_skip_no_cuda = pytest.mark.skipif("cuda" not in DEVICES, reason="needs a CUDA device")
 
 
-
-
-def cuda_only(fn):
-    return pytest.mark.gpu(_skip_no_cuda(fn))
+def gpu_only(why: str):
+    """Marks a test that runs on a real CUDA device only, with the reason in its skip."""
+    skip = pytest.mark.skipif("cuda" not in DEVICES, reason=f"needs a CUDA device: {why}")
+    return lambda fn: pytest.mark.gpu(skip(fn))
 
 
 FWD = torch.ops.fused_vae.triton_reparam_kl_fwd
@@ -48,7 +48,7 @@ BWD = torch.ops.fused_vae.triton_reparam_kl_bwd
 SEEDS = [0, 1234567, 2**63 + 12345, 2**64 - 1]
 
 
-@pytest.fixture(params=DEVICES)
+@pytest.fixture(params=[pytest.param(d, marks=[pytest.mark.gpu] if d == "cuda" else []) for d in DEVICES])
 def device(request):
     return request.param
 
@@ -228,6 +228,22 @@ def test_strided_and_empty_inputs(device):
     assert kl.shape == (3,) and torch.equal(kl, torch.zeros(3, device=device))
 
 
+# Shapes whose planned tiles (K.plan) hold many rows per program, many chunks per row, or
+# a flattened 4-D input: at real sizes on a GPU, at interpreter sizes on the CPU.
+PLANNED_SHAPES = {
+    "cuda": {"rows": (4096, 16), "chunks": (3, 1000003), "4d": (8, 16, 128, 128)},
+    "cpu": {"rows": (300, 16), "chunks": (1, 4201), "4d": (5, 4, 16, 16)},
+}
+
+
+@pytest.mark.parametrize("kind", ["rows", "chunks", "4d"])
+def test_planned_tiles_match_reference(device, kind):
+    mu, lv = make_inputs(PLANNED_SHAPES[device][kind], torch.float32, device, seed=4)
+    seed = _seed(2**63 + 1, device)
+    for mode in (2, 4):
+        _check_against_reference(mu, lv, seed, 1, mode, None, None)
+
+
 # --------------------------------------------------------------------------- availability
 
 
@@ -251,11 +267,12 @@ def test_cpu_needs_the_interpreter(monkeypatch):
 
 @pytest.mark.slow
 def test_kernels_compile_for_gpu_targets():
-    """Compiles every kernel (a few specialisations) for sm_80 and sm_90 with triton's
-    real compiler, which needs no GPU; catches what the interpreter does not check."""
+    """Compiles every kernel (a few specialisations) for sm_90, and the float32 one for
+    sm_80, with triton's real compiler, which needs no GPU; catches what the interpreter
+    does not check."""
     script = textwrap.dedent(
         """
-        import itertools, sys
+        import sys
         try:
             from triton.backends.compiler import GPUTarget
             from triton.compiler import ASTSource
@@ -275,9 +292,9 @@ def test_kernels_compile_for_gpu_targets():
 
         P = {"f32": "*fp32", "bf16": "*bf16", "f64": "*fp64"}
         ints = dict(R="i32", C="i32", N="i64", SN="i64", NC="i32", lo="fp64", hi="fp64", div="fp64")
-        for arch, (d, aligned, flat, clamp) in itertools.product(
-            (80, 90), [("f32", True, True, False), ("bf16", False, False, True), ("f64", True, False, True)]
-        ):
+        configs = [("f32", True, True, False), ("bf16", False, False, True), ("f64", True, False, True)]
+        # Every configuration for sm_90, one (the vectorised float32 path) for sm_80.
+        for arch, (d, aligned, flat, clamp) in [(90, c) for c in configs] + [(80, configs[0])]:
             acc = "*fp64" if d == "f64" else "*fp32"
             common = dict(FLAT=flat, ALIGNED=aligned, HAS_LO=clamp, HAS_HI=clamp, IS_F64=d == "f64",
                           ROWS=1 if flat else 16, CH4=256 if flat else 4)
@@ -307,10 +324,10 @@ def test_kernels_compile_for_gpu_targets():
     assert "OK" in res.stdout
 
 
-# --------------------------------------------------------------------------- CUDA only
+# --------------------------------------------------------------------------- GPU only
 
 
-@cuda_only
+@gpu_only("host synchronisation happens between a host and a GPU only")
 def test_seed_none_does_not_synchronise():
     mu, lv = make_inputs((64, 32), torch.float32, "cuda", seed=1, requires_grad=True)
     fv.reparameterize_kl(mu, lv, backend="triton")  # compile the kernels first
@@ -325,7 +342,7 @@ def test_seed_none_does_not_synchronise():
         torch.cuda.set_sync_debug_mode(prev)
 
 
-@cuda_only
+@gpu_only("CUDA graph capture cannot be emulated")
 def test_cuda_graph_replays_draw_fresh_noise():
     """A training step (forward + backward) captured in a CUDA graph with seed=None: each
     replay draws a new seed on the device, so z and the gradients change."""
@@ -358,12 +375,3 @@ def test_cuda_graph_replays_draw_fresh_noise():
     assert not torch.equal(grads[0], grads[1])
     eps = (zs[0] - mu.detach()) / torch.exp(0.5 * lv.detach())
     assert abs(eps.mean().item()) < 0.1 and abs(eps.std().item() - 1) < 0.1
-
-
-@cuda_only
-@pytest.mark.parametrize("shape", [(4096, 16), (8, 16, 128, 128), (3, 1000003)])
-def test_large_shapes_on_gpu(shape):
-    mu, lv = make_inputs(shape, torch.float32, "cuda", seed=4)
-    seed = _seed(2**63 + 1, "cuda")
-    for mode in (2, 4):
-        _check_against_reference(mu, lv, seed, 1, mode, None, None)

@@ -10,36 +10,21 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import fused_vae as fv
-from conftest import DTYPES, KL_TOL, REDUCED_KL_TOL, REDUCTIONS, Z_TOL, is_interpreted, make_inputs
+from helpers import DTYPES, REDUCTIONS, check_math, is_simulated, make_inputs
 from independent import math64, reduce64
 
 SHAPES = [(1,), (7,), (4, 3), (16, 37), (3, 4, 5), (2, 3, 2, 5)]
-
-
-def check_against_math(z, kl, mu, lv, seed, reduction, num_samples=None, clamp=None):
-    z64, kl64, _ = math64(mu, lv, seed, num_samples, clamp)
-    assert z.dtype == mu.dtype and z.device == mu.device
-    assert z.shape == z64.shape
-    torch.testing.assert_close(z.cpu().double(), z64, **Z_TOL[mu.dtype])
-    expected = reduce64(kl64, reduction)
-    assert kl.shape == expected.shape
-    if reduction == "none":
-        assert kl.dtype == mu.dtype
-        torch.testing.assert_close(kl.cpu().double(), expected, **KL_TOL[mu.dtype])
-    else:
-        assert kl.dtype == (torch.float64 if mu.dtype == torch.float64 else torch.float32)
-        torch.testing.assert_close(kl.cpu().double(), expected, **REDUCED_KL_TOL[mu.dtype])
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_reparameterize_kl_matches_float64_math(backend, dtype, reduction):
     name, device = backend
-    shapes = SHAPES[:4] if is_interpreted(backend) else SHAPES
+    shapes = SHAPES[:4] if is_simulated(backend) else SHAPES
     for i, shape in enumerate(shapes):
         mu, lv = make_inputs(shape, dtype, device, seed=1000 + i)
         z, kl = fv.reparameterize_kl(mu, lv, reduction=reduction, seed=31 + i, backend=name)
-        check_against_math(z, kl, mu, lv, 31 + i, reduction)
+        check_math(z, kl, mu, lv, 31 + i, reduction)
 
 
 @settings(max_examples=12, deadline=None)
@@ -54,7 +39,7 @@ def test_random_shapes(backend, shape, seed, data_seed, reduction, dtype):
     name, device = backend
     mu, lv = make_inputs(shape, dtype, device, seed=data_seed)
     z, kl = fv.reparameterize_kl(mu, lv, reduction=reduction, seed=seed, backend=name)
-    check_against_math(z, kl, mu, lv, seed, reduction)
+    check_math(z, kl, mu, lv, seed, reduction)
 
 
 @st.composite
@@ -89,7 +74,7 @@ def test_non_contiguous_and_expanded_inputs(backend, spec, mu_kind_same, reducti
     if lv.shape != mu.shape:
         lv = base_lv[: mu.numel()].reshape(mu.shape)
     z, kl = fv.reparameterize_kl(mu, lv, reduction=reduction, seed=17, backend=name)
-    check_against_math(z, kl, mu.contiguous(), lv.contiguous(), 17, reduction)
+    check_math(z, kl, mu.contiguous(), lv.contiguous(), 17, reduction)
 
 
 @pytest.mark.parametrize("num_samples", [1, 3, 8])
@@ -99,7 +84,7 @@ def test_num_samples(backend, num_samples, reduction):
     mu, lv = make_inputs((5, 7), torch.float32, device, seed=num_samples)
     z, kl = fv.reparameterize_kl(mu, lv, reduction=reduction, seed=3, num_samples=num_samples, backend=name)
     assert z.shape == (num_samples, 5, 7)
-    check_against_math(z, kl, mu, lv, 3, reduction, num_samples=num_samples)
+    check_math(z, kl, mu, lv, 3, reduction, num_samples=num_samples)
     if num_samples > 1:
         assert not torch.equal(z[0], z[1])
 
@@ -138,7 +123,7 @@ def test_logvar_clamp_values(backend):
         z, kl = fv.reparameterize_kl(mu, lv, reduction="none", seed=2, logvar_clamp=clamp, backend=name)
         lo = -math.inf if clamp[0] is None else clamp[0]
         hi = math.inf if clamp[1] is None else clamp[1]
-        check_against_math(z, kl, mu, lv, 2, "none", clamp=(lo, hi))
+        check_math(z, kl, mu, lv, 2, "none", clamp=(lo, hi))
 
 
 def test_large_logvar_without_clamp_follows_ieee(backend):
@@ -176,7 +161,7 @@ def test_nan_and_inf_propagate(backend):
 
 def test_reduced_kl_is_deterministic_and_uses_batch_size(backend):
     name, device = backend
-    shape = (33, 70) if is_interpreted(backend) else (257, 3000)
+    shape = (33, 70) if is_simulated(backend) else (257, 3000)
     mu, lv = make_inputs(shape, torch.float32, device, seed=9)
     kls = [fv.gaussian_kl(mu, lv, reduction=r, backend=name) for r in ("per_sample", "sum", "batchmean")]
     again = [fv.gaussian_kl(mu, lv, reduction=r, backend=name) for r in ("per_sample", "sum", "batchmean")]

@@ -89,25 +89,6 @@ int sm_count(int device) {
   return n;
 }
 
-// The seed as the kernels take it: a pointer to it on mu's device (the usual case, no
-// host sync), or the value of a CPU tensor.
-struct SeedArg {
-  const int64_t* ptr = nullptr;
-  uint64_t value = 0;
-};
-
-SeedArg seed_arg(const at::Tensor& seed, const at::Tensor& mu) {
-  SeedArg s;
-  if (seed.device() == mu.device()) {
-    s.ptr = seed.const_data_ptr<int64_t>();  // one element; any strides
-    return s;
-  }
-  TORCH_CHECK_VALUE(seed.device().is_cpu(), "fused_vae: seed is on ", seed.device(), " but mu is on ",
-                    mu.device(), "; the seed must be on mu's device or the CPU");
-  s.value = static_cast<uint64_t>(seed.item<int64_t>());
-  return s;
-}
-
 cuda::LaunchTarget launch_target(const at::Tensor& mu) {
   cuda::LaunchTarget target;
   target.device = mu.get_device();
@@ -150,7 +131,8 @@ std::tuple<at::Tensor, at::Tensor> reparam_kl_fwd_cuda(const at::Tensor& mu_in, 
   }
   poison(z);
   poison(kl);
-  const SeedArg sa = num_samples > 0 ? seed_arg(seed, mu) : SeedArg{};
+  // The kernels read the seed from mu's device (check_common checked where it is): no host sync.
+  const int64_t* seed_ptr = num_samples > 0 ? seed.const_data_ptr<int64_t>() : nullptr;
   const cuda::LaunchTarget target = launch_target(mu);
   const at::ScalarType acc_type = reduced_kl_dtype(mu.scalar_type());
 
@@ -167,8 +149,7 @@ std::tuple<at::Tensor, at::Tensor> reparam_kl_fwd_cuda(const at::Tensor& mu_in, 
     p.kl_elem = kl_mode == kKlElementwise ? reinterpret_cast<T*>(kl.mutable_data_ptr<scalar_t>()) : nullptr;
     p.kl_out = kl_mode >= kKlPerSample ? kl.mutable_data_ptr<acc_t>() : nullptr;
     p.workspace = ws_elems > 0 ? workspace.mutable_data_ptr<acc_t>() : nullptr;
-    p.seed_ptr = sa.ptr;
-    p.seed_value = sa.value;
+    p.seed_ptr = seed_ptr;
     p.N = shape.N;
     p.B = shape.B;
     p.D = shape.D;
@@ -205,7 +186,7 @@ std::tuple<at::Tensor, at::Tensor> reparam_kl_bwd_cuda(const c10::optional<at::T
   const bool gkl_bcast = has_gkl && kl_mode <= kKlPerSample && is_broadcast_scalar(*grad_kl_in);
   const at::Tensor grad_z = has_gz ? (gz_bcast ? *grad_z_in : grad_z_in->contiguous()) : at::Tensor();
   const at::Tensor grad_kl = has_gkl ? (gkl_bcast ? *grad_kl_in : grad_kl_in->contiguous()) : at::Tensor();
-  const SeedArg sa = has_gz ? seed_arg(seed, mu) : SeedArg{};
+  const int64_t* seed_ptr = has_gz ? seed.const_data_ptr<int64_t>() : nullptr;
   const cuda::LaunchTarget target = launch_target(mu);
   poison(grad_mu);
   poison(grad_lv);
@@ -226,8 +207,7 @@ std::tuple<at::Tensor, at::Tensor> reparam_kl_bwd_cuda(const c10::optional<at::T
     p.lv = reinterpret_cast<const T*>(logvar.const_data_ptr<scalar_t>());
     p.grad_mu = reinterpret_cast<T*>(grad_mu.mutable_data_ptr<scalar_t>());
     p.grad_lv = reinterpret_cast<T*>(grad_lv.mutable_data_ptr<scalar_t>());
-    p.seed_ptr = sa.ptr;
-    p.seed_value = sa.value;
+    p.seed_ptr = seed_ptr;
     p.N = shape.N;
     p.B = shape.B;
     p.D = shape.D;
