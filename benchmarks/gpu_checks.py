@@ -337,7 +337,7 @@ def cmd_env(a) -> int:
 def cmd_build(a) -> int:
     """Loads (JIT-builds) the extension; 1 when a requested backend cannot run on ``--device``."""
     import fused_vae as fv
-    from fused_vae.backends import build as extension
+    from fused_vae.backends import extension
 
     info = fv.available_backends()
     print(info)
