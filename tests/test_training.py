@@ -156,6 +156,26 @@ def test_the_step_statistics_window():
     assert w.first_non_finite()[0] == 10
 
 
+def test_checkpoint_cadence_defaults_to_about_a_thousand_steps(tmp_path, monkeypatch):
+    """Short epochs (8 steps here) do not write a checkpoint per evaluation: by default last.pt
+    comes every ceil(1000 / 8) = 125 epochs and at the end; --checkpoint-every N is exact."""
+    from fused_vae.training.trainer import Trainer
+
+    writes = []
+    real = Trainer._checkpoint
+
+    def checkpoint(self, run, name, metrics):
+        writes.append((name, run.step))
+        return real(self, run, name, metrics)
+
+    monkeypatch.setattr(Trainer, "_checkpoint", checkpoint)
+    train(tiny(tmp_path / "auto", checkpoint_every=None, epochs=3))
+    assert [w for w in writes if w[0] == "last.pt"] == [("last.pt", 24)]
+    writes.clear()
+    train(tiny(tmp_path / "two", checkpoint_every=2, epochs=3))
+    assert [w for w in writes if w[0] == "last.pt"] == [("last.pt", 16), ("last.pt", 24)]
+
+
 def test_nan_in_the_first_step_says_no_checkpoint_exists(tmp_path):
     x = torch.rand(60, 1, 4, 4)
     x[::2] = float("nan")
