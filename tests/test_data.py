@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from fused_vae.training.batches import TrainBatches, noise_seed
+from fused_vae.training.batches import TrainBatches, noise_seeds
 from fused_vae.training.config import TrainConfig
 from fused_vae.training.data import (
     DataError,
@@ -196,19 +196,25 @@ def test_micro_batches_do_not_depend_on_how_they_are_spread_over_processes():
     four = [TrainBatches(n, bsz, world_size=4, rank=r, grad_accum=1, seed=3) for r in range(4)]
     assert single.steps_per_epoch == ranks[0].steps_per_epoch == four[0].steps_per_epoch == 103 // 12
     for epoch in (0, 1):
-        ref = {i: {mb.micro_id: mb.indices.tolist() for mb in micros} for i, micros in single.epoch(epoch)}
+        ref = {i: {mb.micro_id: (mb.indices.tolist(), int(mb.seed)) for mb in micros}
+               for i, micros in single.epoch(epoch, seed=5)}
         for group in (ranks, four):
             got: dict = {}
             for b in group:
-                for i, micros in b.epoch(epoch):
-                    got.setdefault(i, {}).update({mb.micro_id: mb.indices.tolist() for mb in micros})
+                for i, micros in b.epoch(epoch, seed=5):
+                    got.setdefault(i, {}).update({mb.micro_id: (mb.indices.tolist(), int(mb.seed)) for mb in micros})
             assert got == ref
     e0 = [m.indices.tolist() for _, ms in single.epoch(0) for m in ms]
     e1 = [m.indices.tolist() for _, ms in single.epoch(1) for m in ms]
     assert e0 != e1
     resumed = [m.indices.tolist() for _, ms in single.epoch(0, start=3) for m in ms]
     assert resumed == e0[3 * 4:]
-    assert noise_seed(0, 5, 1) != noise_seed(0, 5, 0) != noise_seed(0, 6, 0)
+    # The seeds are those of the global step: epoch * steps_per_epoch + i, whatever the start.
+    step8 = [int(m.seed) for m in next(iter(single.epoch(1, start=0, seed=5)))[1]]
+    assert step8 == noise_seeds(5, torch.tensor(8), torch.arange(4)).tolist()
+    seeds = noise_seeds(0, torch.arange(50)[:, None], torch.arange(4)[None, :])
+    assert seeds.unique().numel() == 200 and (seeds >= 0).all()
+    assert not torch.equal(noise_seeds(1, torch.arange(50)[:, None], torch.arange(4)[None, :]), seeds)
 
 
 def test_batch_schedule_errors():

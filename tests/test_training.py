@@ -125,22 +125,55 @@ def test_a_coarse_finiteness_check_still_names_the_step_that_went_bad(tmp_path, 
 
 
 def test_the_step_statistics_window():
-    from fused_vae.training.stats import STAT_NAMES, StatsWindow, StepStats
+    from fused_vae.training.stats import STAT_NAMES, StatsWindow
 
-    w = StatsWindow(torch.device("cpu"))
+    w = StatsWindow(torch.device("cpu"), size=4, divisor=2, step=4)
     rows = torch.rand(4, len(STAT_NAMES), dtype=torch.float64)
+
+    def put(step, row):
+        w.batch_row(step).copy_(row[:5] * 2)  # sums over the 2 micro-batches
+        w.norm_row(step).copy_(row[5])
+        w.advance(step)
+
     for i, row in enumerate(rows[:3]):
-        w.add(StepStats(*row.unbind()), step=i + 1)
-    assert w.first_non_finite() is None
+        put(5 + i, row)
+    assert w.first_non_finite() is None and w.count == 3
     means = w.means()
     assert list(means) == list(STAT_NAMES) == ["loss", "recon", "kl", "elbo", "bound", "grad_norm"]
     assert means["kl"] == pytest.approx(rows[:3, 2].mean().item()) and w.count == 0
+    assert means["grad_norm"] == pytest.approx(rows[:3, 5].mean().item())
+    with pytest.raises(RuntimeError, match="does not fit"):
+        w.batch_row(9)  # the window (steps 8..) would cross step 8, a multiple of its size
     bad = rows[3].clone()
     bad[5] = float("nan")
-    w.add(StepStats(*bad.unbind()), step=4)
-    w.add(StepStats(*(bad * 0 + float("inf")).unbind()), step=5)
+    put(8, bad)
+    w.means()
+    put(9, rows[0])
+    put(10, bad)
+    put(11, bad * 0 + float("inf"))
     step, stats = w.first_non_finite()
-    assert step == 4 and stats["loss"] == rows[3, 0].item() and math.isnan(stats["grad_norm"])
+    assert step == 10 and stats["loss"] == rows[3, 0].item() and math.isnan(stats["grad_norm"])
+    assert w.first_non_finite()[0] == 10
+
+
+def test_checkpoint_cadence_defaults_to_about_a_thousand_steps(tmp_path, monkeypatch):
+    """Short epochs (8 steps here) do not write a checkpoint per evaluation: by default last.pt
+    comes every ceil(1000 / 8) = 125 epochs and at the end; --checkpoint-every N is exact."""
+    from fused_vae.training.trainer import Trainer
+
+    writes = []
+    real = Trainer._checkpoint
+
+    def checkpoint(self, run, name, metrics):
+        writes.append((name, run.step))
+        return real(self, run, name, metrics)
+
+    monkeypatch.setattr(Trainer, "_checkpoint", checkpoint)
+    train(tiny(tmp_path / "auto", checkpoint_every=None, epochs=3))
+    assert [w for w in writes if w[0] == "last.pt"] == [("last.pt", 24)]
+    writes.clear()
+    train(tiny(tmp_path / "two", checkpoint_every=2, epochs=3))
+    assert [w for w in writes if w[0] == "last.pt"] == [("last.pt", 16), ("last.pt", 24)]
 
 
 def test_nan_in_the_first_step_says_no_checkpoint_exists(tmp_path):

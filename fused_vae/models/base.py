@@ -48,7 +48,7 @@ def check_train_samples(objective: str, num_samples: int, beta: float = 1.0, fre
         raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
     if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
         raise ValueError(f"train samples (K) must be an int >= 1, got {num_samples!r}")
-    if objective == "iwae" and (beta != 1.0 or free_bits > 0):
+    if objective == "iwae" and (isinstance(beta, torch.Tensor) or beta != 1.0 or free_bits > 0):
         raise ValueError(f"objective 'iwae' trains the bound itself: it needs beta = 1 (no KL warm-up) and "
                          f"free_bits = 0, got beta={beta}, free_bits={free_bits}")
     return num_samples

@@ -33,7 +33,7 @@ def vae_loss(recon_nll: torch.Tensor, kl: torch.Tensor, *, beta: float = 1.0, fr
         recon_nll: ``[B]`` reconstruction NLL per example (nats).
         kl: ``[B]`` KL(q(z|x) || p(z)) per example, or ``[B, ...]`` per element (needed
             for free bits).
-        beta: KL weight (after warm-up).
+        beta: KL weight (after warm-up): a float or a 0-d float32 tensor.
         free_bits: per-dimension floor on the batch-mean KL (nats); 0 disables.
 
     Returns:
@@ -53,5 +53,6 @@ def vae_loss(recon_nll: torch.Tensor, kl: torch.Tensor, *, beta: float = 1.0, fr
         kl_pen = free_bits_kl(kl, free_bits)
     else:
         kl_pen = kl_mean
-    loss = recon + (kl_pen if beta == 1.0 else beta * kl_pen)  # no extra autograd node for beta = 1
+    # No extra autograd node for beta = 1; a tensor beta (a captured step's warm-up) always multiplies.
+    loss = recon + (beta * kl_pen if isinstance(beta, torch.Tensor) or beta != 1.0 else kl_pen)
     return {"loss": loss, "recon": recon, "kl": kl_mean, "kl_penalty": kl_pen, "elbo": -(recon + kl_mean)}

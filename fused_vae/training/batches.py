@@ -8,7 +8,9 @@ of ``B / M`` examples. Micro-batch ``m = rank + world_size * a`` (process ``rank
 accumulation index ``a``) holds the global batch's positions ``m, m + M, m + 2M, ...``:
 exactly what ``DistributedSampler`` hands process ``rank`` when ``a`` runs over its local
 batch with stride ``grad_accum``. Every random number of micro-batch ``m`` at step ``t`` (the
-fused op's noise, dynamic binarization) comes from seeds derived from ``(seed, t, m)``.
+fused op's noise, dynamic binarization) comes from seeds derived from ``(seed, t, m)``; the
+noise seeds are computed on the training device (:func:`noise_seeds`), a whole epoch at a time
+for the eager step and from a step counter inside a captured step.
 So a run depends on the global batch size and on M, never on how the M micro-batches
 are spread over processes: 2 processes x 1 micro-batch equals 1 process x 2 micro-batches.
 """
@@ -20,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data.distributed import DistributedSampler
 
-from ..models.seeds import derive_seed
+from ..models.seeds import counter_seeds, derive_seed
 
 NOISE_TAG = 1
 BINARIZE_TAG = 2
@@ -29,10 +31,12 @@ EVAL_TAG = 3
 
 @dataclass(frozen=True)
 class MicroBatch:
-    """Dataset indices (``[b]`` int64) of one micro-batch and its global micro-batch id."""
+    """Dataset indices (``[b]`` int64) of one micro-batch, its global micro-batch id and the
+    seed of its noise (0-d int64 on the training device, :func:`noise_seeds`)."""
 
     indices: torch.Tensor
     micro_id: int
+    seed: torch.Tensor | None = None
 
 
 class TrainBatches:
@@ -64,20 +68,36 @@ class TrainBatches:
         self.steps_per_epoch = len(self.sampler) // self.local_batch
         if self.steps_per_epoch < 1:
             raise ValueError(f"batch_size {batch_size} leaves no full batch per epoch for {num_examples} examples")
+        self.micro_ids = [rank + world_size * a for a in range(grad_accum)]
 
-    def epoch(self, epoch: int, start: int = 0):
-        """Yields ``(i, [MicroBatch, ...])`` for steps ``i = start .. steps_per_epoch - 1`` of ``epoch``."""
+    def order(self, epoch: int) -> torch.Tensor:
+        """This process's examples of ``epoch`` as ``[steps_per_epoch, grad_accum, B / M]`` int64
+        indices: ``order[i, a]`` is micro-batch ``micro_ids[a]`` of step ``i``."""
         self.sampler.set_epoch(epoch)
-        order = torch.tensor(list(iter(self.sampler)), dtype=torch.int64)
+        order = torch.tensor(list(iter(self.sampler))[:self.steps_per_epoch * self.local_batch], dtype=torch.int64)
+        return order.view(self.steps_per_epoch, -1, self.grad_accum).transpose(1, 2)
+
+    def epoch(self, epoch: int, start: int = 0, *, seed: int | None = None, device=None):
+        """Yields ``(i, [MicroBatch, ...])`` for steps ``i = start .. steps_per_epoch - 1`` of ``epoch``.
+
+        With ``seed``, each micro-batch carries its noise seed (:func:`noise_seeds` of the
+        global step ``epoch * steps_per_epoch + i``), computed for the whole epoch at once on ``device``.
+        """
+        order = self.order(epoch)
+        seeds = [None] * (self.steps_per_epoch * self.grad_accum)
+        if seed is not None:
+            steps = torch.arange(self.steps_per_epoch, dtype=torch.int64, device=device) + epoch * self.steps_per_epoch
+            ids = torch.tensor(self.micro_ids, dtype=torch.int64, device=device)
+            seeds = list(noise_seeds(seed, steps[:, None], ids[None, :]).view(-1).unbind())
         for i in range(start, self.steps_per_epoch):
-            local = order[i * self.local_batch:(i + 1) * self.local_batch]
-            yield i, [MicroBatch(local[a::self.grad_accum], self.rank + self.world_size * a)
-                      for a in range(self.grad_accum)]
+            yield i, [MicroBatch(order[i, a], m, seeds[i * self.grad_accum + a]) for a, m in enumerate(self.micro_ids)]
 
 
-def noise_seed(seed: int, step: int, micro_id: int) -> int:
-    """Seed of the fused op's noise for micro-batch ``micro_id`` at (0-based) step ``step``."""
-    return derive_seed(seed, NOISE_TAG, step, micro_id)
+def noise_seeds(seed: int, steps: torch.Tensor, micro_ids: torch.Tensor) -> torch.Tensor:
+    """Seeds of the fused op's noise for micro-batches ``micro_ids`` at (0-based) steps ``steps``
+    (int64 tensors that broadcast; steps below 2**32): :func:`~fused_vae.models.seeds.counter_seeds`
+    keyed by ``derive_seed(seed, NOISE_TAG)``, computed on the tensors' device."""
+    return counter_seeds(derive_seed(seed, NOISE_TAG), steps, micro_ids)
 
 
 def binarize_generator(seed: int, step: int, micro_id: int, device) -> torch.Generator:

@@ -14,6 +14,10 @@ from ..models import ACTIVATIONS, LIKELIHOODS, MODELS, OBJECTIVES, check_train_s
 from .optim import SCHEDULES
 
 
+# The default checkpoint cadence: about this many optimizer steps, in whole epochs.
+CHECKPOINT_STEPS = 1000
+
+
 class ConfigError(ValueError):
     """A bad configuration value or config file; the message names the option or file."""
 
@@ -110,6 +114,12 @@ class TrainConfig:
                   group="optimisation", choices=("auto", "bf16", "off"))
     device: str = _f("auto", "auto (cuda when available), cpu, cuda, cuda:N", group="optimisation", type=str)
     seed: int = _f(0, "seed of initialization, data order and the fused op's noise", group="optimisation", type=int)
+    compile: bool = _f(False, "run each optimizer step (forward, backward, clipping, fused Adam/AdamW update, "
+                       "statistics) as one torch.compile'd function; single process, a fused optimizer, --binarize none or static. "
+                       "The first steps compile it (tens of seconds on a CPU)", group="optimisation")
+    cuda_graphs: bool = _f(False, "capture each optimizer step once as a CUDA graph and replay it (CUDA devices "
+                           "only; with --compile, the compiled step is captured); same limits as --compile",
+                           group="optimisation")
     threads: int | None = _f(None, "CPU threads for torch (default: 1 for models under 1M parameters, whose layers "
                              "are too small to gain from threads and lose much on a busy machine; else torch's "
                              "choice)", group="optimisation", type=int, metavar="N")
@@ -123,8 +133,11 @@ class TrainConfig:
     iwae_chunk: int = _f(50, "importance samples per example decoded in one pass (memory vs speed)",
                          group="output", type=int)
     log_every: int = _f(50, "write training metrics every N steps", group="output", type=int, metavar="N")
-    checkpoint_every: int = _f(10, "save checkpoints/last.pt every N epochs (and at the end)", group="output",
-                               type=int, metavar="N")
+    checkpoint_every: int | None = _f(None, "save checkpoints/last.pt every N epochs and at the end (default: "
+                                      f"every ceil({CHECKPOINT_STEPS} / steps per epoch) epochs, i.e. about every "
+                                      f"{CHECKPOINT_STEPS} steps, so short epochs do not write a file every few "
+                                      "steps); an evaluation writes last.pt (and best.pt when it improves) only "
+                                      "at a checkpoint epoch", group="output", type=int, metavar="N")
     out_dir: str = _f("runs", "parent directory of run directories", group="output", type=str, metavar="DIR")
     name: str | None = _f(None, "run name: outputs go to OUT_DIR/NAME (default: DATA-MODEL, plus -OBJECTIVEK "
                           "unless training the 1-sample ELBO, e.g. mnist-mlp-iwae5)", group="output", type=str)
@@ -257,7 +270,11 @@ class TrainConfig:
         need(self.iwae_samples >= 0, f"iwae_samples must be >= 0, got {self.iwae_samples}")
         need(self.iwae_chunk >= 1, f"iwae_chunk must be >= 1, got {self.iwae_chunk}")
         need(self.log_every >= 1, f"log_every must be >= 1, got {self.log_every}")
-        need(self.checkpoint_every >= 1, f"checkpoint_every must be >= 1, got {self.checkpoint_every}")
+        need(self.checkpoint_every is None or self.checkpoint_every >= 1,
+             f"checkpoint_every must be >= 1, got {self.checkpoint_every}")
+        need(not (self.compile or self.cuda_graphs) or self.binarize != "dynamic",
+             "compile and cuda_graphs do not support binarize 'dynamic' (its generator is seeded on the host each "
+             "step); use none or static")
         need(self.threads is None or self.threads >= 1, f"threads must be >= 1, got {self.threads}")
         need(self.image_size is None or self.image_size >= 1, f"image_size must be >= 1, got {self.image_size}")
         for k in ("max_train_examples", "max_test_examples"):

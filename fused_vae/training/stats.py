@@ -1,68 +1,92 @@
-"""Training statistics kept on the device: summed per logging window, checked for NaN/Inf
-without a host synchronisation each step."""
+"""Training statistics kept on the device: one preallocated row per step of a logging window,
+written with O(1) ops per step and read back (means, the NaN/Inf check) only when asked."""
 
 from __future__ import annotations
 
-from dataclasses import astuple, dataclass, fields
+import math
 
 import torch
 
-
-@dataclass
-class StepStats:
-    """One optimizer step's batch means (0-d float64 tensors on the training device).
-
-    ``bound`` is the bound being trained (the ELBO, or L_K for the IWAE objective);
-    ``elbo`` is always the (K-sample mean) ELBO, so the two can be compared.
-    """
-
-    loss: torch.Tensor
-    recon: torch.Tensor
-    kl: torch.Tensor
-    elbo: torch.Tensor
-    bound: torch.Tensor
-    grad_norm: torch.Tensor
-
-    def stacked(self) -> torch.Tensor:
-        """The fields as one ``[6]`` float64 tensor, in declaration order."""
-        return torch.stack([t.detach().to(torch.float64).reshape(()) for t in astuple(self)])
-
-
-STAT_NAMES = tuple(f.name for f in fields(StepStats))
+# Per-step statistics, in row order. The first five are batch means of the model's outputs
+# (``bound``: the bound being trained, the ELBO or L_K; ``elbo``: the K-sample mean ELBO);
+# ``grad_norm`` is the global gradient norm before clipping.
+STAT_NAMES = ("loss", "recon", "kl", "elbo", "bound", "grad_norm")
+BATCH_STATS = STAT_NAMES[:5]
 
 
 class StatsWindow:
-    """Sums :class:`StepStats` over a logging window on ``device`` and remembers the first
-    step whose statistics were not finite, all without synchronising with the host; only
-    :meth:`means` and :meth:`first_non_finite` read values back.
+    """Per-step statistics of the steps since the last :meth:`means`, in a ``[size, 6]``
+    float64 buffer on ``device``; step ``t`` (1-based) owns row ``(t - 1) % size``.
+
+    A step writes the sums of :data:`BATCH_STATS` over its micro-batches (and processes)
+    into ``batch_row(t)`` and its gradient norm into ``norm_row(t)``; ``divisor`` (the number
+    of micro-batches in a global batch) turns those sums into batch means when read. Only
+    :meth:`means` and :meth:`first_non_finite` read values back (one host synchronisation each).
+
+    Args:
+        device: where the buffer lives.
+        size: rows; a window may hold at most ``size`` steps and may not cross a multiple of
+            ``size`` (the trainer reads it every ``log_every`` steps, and passes ``log_every``).
+        divisor: micro-batches per global batch (>= 1).
+        step: the (1-based) step before the window's first.
     """
 
-    def __init__(self, device: torch.device):
-        self.sums = torch.zeros(len(STAT_NAMES), dtype=torch.float64, device=device)
-        self.count = 0
-        self._bad_step = torch.full((), -1, dtype=torch.int64, device=device)
-        self._bad_stats = torch.zeros(len(STAT_NAMES), dtype=torch.float64, device=device)
+    def __init__(self, device: torch.device, size: int, divisor: int = 1, step: int = 0):
+        self.rows = torch.zeros(size, len(STAT_NAMES), dtype=torch.float64, device=device)
+        self.size, self.divisor = size, divisor
+        # Views made once, so that a step creates no tensor to reach its row.
+        self._batch_rows = self.rows[:, :len(BATCH_STATS)].unbind(0)
+        self._norm_rows = self.rows[:, len(BATCH_STATS)].unbind(0)
+        self.start = self.end = self.checked = step
+        self._bad: tuple[int, dict[str, float]] | None = None
 
-    def add(self, stats: StepStats, step: int) -> None:
-        """Adds the statistics of (1-based) optimizer step ``step``."""
-        values = stats.stacked()
-        self.sums += values
-        self.count += 1
-        first = (~torch.isfinite(values).all()) & (self._bad_step < 0)
-        self._bad_step = torch.where(first, step, self._bad_step)
-        self._bad_stats = torch.where(first, values, self._bad_stats)
+    def _slot(self, step: int) -> int:
+        if not self.start < step <= self.start + self.size or (step - 1) // self.size != self.start // self.size:
+            raise RuntimeError(f"step {step} does not fit the statistics window after step {self.start} "
+                               f"(size {self.size}); read it with means() first")
+        return (step - 1) % self.size
+
+    def batch_row(self, step: int) -> torch.Tensor:
+        """The ``[5]`` view where (1-based) step ``step`` sums its batch statistics."""
+        return self._batch_rows[self._slot(step)]
+
+    def norm_row(self, step: int) -> torch.Tensor:
+        """The 0-d view where step ``step`` writes its gradient norm."""
+        return self._norm_rows[self._slot(step)]
+
+    def advance(self, step: int) -> None:
+        """Marks steps up to ``step`` as written."""
+        self._slot(step)
+        self.end = step
+
+    @property
+    def count(self) -> int:
+        """Steps in the window."""
+        return self.end - self.start
+
+    def _block(self, first: int, last: int) -> torch.Tensor:
+        """Rows of steps ``first + 1 .. last`` as batch means (a copy)."""
+        lo = first % self.size
+        block = self.rows[lo:lo + last - first].clone()
+        block[:, :len(BATCH_STATS)] /= self.divisor
+        return block
 
     def first_non_finite(self) -> tuple[int, dict[str, float]] | None:
         """``(step, stats)`` of the first step with a NaN/Inf statistic since construction,
-        or None (one host synchronisation)."""
-        step = int(self._bad_step.item())
-        if step < 0:
-            return None
-        return step, dict(zip(STAT_NAMES, self._bad_stats.tolist()))
+        or None (one host synchronisation, over the steps not checked before)."""
+        if self._bad is None and self.end > self.checked:
+            if math.isfinite(self.rows[self.checked % self.size:(self.end - 1) % self.size + 1].sum().item()):
+                self.checked = self.end
+                return None
+            block = self._block(self.checked, self.end)
+            i = int((~torch.isfinite(block).all(1)).nonzero()[0, 0])
+            self._bad = (self.checked + i + 1, dict(zip(STAT_NAMES, block[i].tolist())))
+        return self._bad
 
     def means(self) -> dict[str, float]:
-        """Means over the window as Python floats (one host synchronisation); then restarts the window."""
-        out = dict(zip(STAT_NAMES, (self.sums / max(self.count, 1)).tolist()))
-        self.sums.zero_()
-        self.count = 0
+        """Means over the window's steps as Python floats (one host synchronisation); then
+        starts the next window after the last step written."""
+        block = self._block(self.start, self.end)
+        out = dict(zip(STAT_NAMES, (block.sum(0) / max(self.count, 1)).tolist()))
+        self.start = self.checked = self.end
         return out

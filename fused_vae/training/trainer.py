@@ -15,16 +15,17 @@ import torch
 
 from .. import backend_for
 from ..models import build_model, kl_warmup_beta
-from .batches import TrainBatches, binarize_generator, noise_seed
+from .batches import TrainBatches, binarize_generator
 from .checkpoint import CheckpointError, load_checkpoint, make_checkpoint, restore_rng_state, save_run_checkpoint
-from .config import ConfigError, TrainConfig
+from .config import CHECKPOINT_STEPS, ConfigError, TrainConfig
 from .data import DataBundle, binarize, load_data
 from .distributed import DistContext, setup
 from .evaluation import evaluate
 from .metrics import check_tensorboard
 from .optim import make_optimizer, make_scheduler, optimizer_name
 from .progress import progress_bar
-from .stats import StatsWindow, StepStats
+from .stats import StatsWindow
+from .step import CapturedStep, forward_backward, grad_norm
 
 # Largest training set (bytes) copied to an accelerator up front; larger sets stay in host memory.
 _DEVICE_DATA_LIMIT = 2 << 30
@@ -95,6 +96,9 @@ class _Run:
     pbar: object = None
     show_bar: bool = False
     window: StatsWindow | None = None
+    params: list = field(default_factory=list)
+    captured: CapturedStep | None = None
+    checkpoint_every: int = 1
 
     @property
     def steps_per_epoch(self) -> int:
@@ -228,6 +232,13 @@ class Trainer:
             raise ConfigError(str(e)) from None
         spe = batches.steps_per_epoch
         total_steps = spe * cfg.epochs if cfg.max_steps is None else min(spe * cfg.epochs, cfg.max_steps)
+        if total_steps >= 2**32:
+            raise ConfigError(f"{total_steps} steps: the noise seeds take steps below 2**32; lower --epochs or --max-steps")
+        captured = cfg.compile or cfg.cuda_graphs
+        if captured and ctx.distributed:
+            raise ConfigError("--compile and --cuda-graphs train in one process; run without torchrun, or without them")
+        if cfg.cuda_graphs and device.type != "cuda":
+            raise ConfigError(f"--cuda-graphs needs a CUDA device, got --device {cfg.device} ({device})")
         optimizer, fused = make_optimizer(model.parameters(), lr=cfg.lr, eps=cfg.adam_eps,
                                           weight_decay=cfg.weight_decay)
         scheduler = make_scheduler(optimizer, total_steps=total_steps, warmup_steps=cfg.lr_warmup_steps,
@@ -242,7 +253,8 @@ class Trainer:
         run = _Run(ctx=ctx, data=data, spec=spec, model=model, ddp=ddp, optimizer=optimizer, scheduler=scheduler,
                    fused_adamw=fused, batches=batches, train_x=train_x, total_steps=total_steps,
                    backend_name=backend_name, autocast=self._amp_context(device), data_info=data_info,
-                   window=StatsWindow(device))
+                   params=[p for p in model.parameters() if p.requires_grad],
+                   checkpoint_every=cfg.checkpoint_every or -(-CHECKPOINT_STEPS // spe))
         if ck is not None:
             model.load_state_dict(ck["model"])
             if ck.get("optimizer"):
@@ -256,6 +268,18 @@ class Trainer:
             run.resumed = True
             if ctx.is_main:
                 print(f"resuming from step {run.step} (epoch {run.step / spe:g}) of {self.last_good[0]}", flush=True)
+        run.window = StatsWindow(device, cfg.log_every, divisor=cfg.grad_accum * ctx.world_size, step=run.step)
+        if captured:
+            if not fused:
+                raise ConfigError("--compile and --cuda-graphs need the fused Adam/AdamW kernel, which this "
+                                  f"torch lacks on {device.type}; train without them")
+            if train_x.device != device:
+                raise ConfigError(f"--compile and --cuda-graphs need the training set in {device} memory "
+                                  f"(it holds {train_x.numel() * 4} bytes, over {_DEVICE_DATA_LIMIT})")
+            run.captured = CapturedStep(
+                model=model, params=run.params, optimizer=optimizer, train_x=train_x, window=run.window, cfg=cfg,
+                micro_ids=batches.micro_ids, micro_batch=batches.local_batch // cfg.grad_accum, step=run.step,
+                autocast=run.autocast, mode="cuda-graphs" if cfg.cuda_graphs else "compile")
         return run
 
     def _open_outputs(self, run: _Run) -> None:
@@ -282,7 +306,8 @@ class Trainer:
         every ``log_every`` steps."""
         cfg = self.cfg
         i = run.start_batch - 1
-        for i, micros in run.batches.epoch(run.epoch, run.start_batch):
+        seed = None if run.captured else cfg.seed  # a captured step derives its seeds itself
+        for i, micros in run.batches.epoch(run.epoch, run.start_batch, seed=seed, device=run.ctx.device):
             beta = kl_warmup_beta(run.step, cfg.beta, cfg.kl_warmup_steps)
             self._train_step(run, micros, beta)
             run.scheduler.step()
@@ -297,41 +322,43 @@ class Trainer:
             run.epoch += 1
             run.start_batch = 0
 
-    def _train_step(self, run: _Run, micros, beta: float) -> StepStats:
-        """One optimizer step over this process's micro-batches; returns the (all-reduced) batch means.
+    def _train_step(self, run: _Run, micros, beta: float) -> None:
+        """One optimizer step over this process's micro-batches; its (all-reduced) statistics go
+        to the window's row of the step.
 
         The NaN/Inf check reads a value back from the device, so it runs every step on a CPU
         and at the logging interval elsewhere (see :meth:`_check_finite`)."""
+        if run.captured is not None:
+            run.captured([mb.indices for mb in micros], beta)
+            run.window.advance(run.step + 1)
+            if self._check_due(run):
+                self._check_finite(run)
+            return
         cfg = self.cfg
         ctx = run.ctx
         device = ctx.device
+        t = run.step + 1
         run.optimizer.zero_grad(set_to_none=True)
         n_micro = len(micros)
-        sums = torch.zeros(5, dtype=torch.float64, device=device)
+        row = run.window.batch_row(t)
         for a, mb in enumerate(micros):
             x = run.train_x[mb.indices.to(run.train_x.device)].to(device, non_blocking=True)
             if cfg.binarize == "dynamic":
                 x = binarize(x, binarize_generator(cfg.seed, run.step, mb.micro_id, device))
             sync = run.ddp.no_sync() if (ctx.distributed and a < n_micro - 1) else contextlib.nullcontext()
             with sync:
-                with run.autocast():
-                    out = run.ddp(x, beta=beta, free_bits=cfg.free_bits, objective=cfg.objective,
-                                  num_samples=cfg.train_samples, seed=noise_seed(cfg.seed, run.step, mb.micro_id))
-                (out["loss"] / n_micro).backward()
-            sums += torch.stack([out[k].detach().double() for k in ("loss", "recon", "kl", "elbo", "bound")])
-        ctx.all_reduce_sum(sums)
-        means = sums / (n_micro * ctx.world_size)
-        params = [p for p in run.model.parameters() if p.grad is not None]
-        if cfg.grad_clip > 0:
-            gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        else:
-            gnorm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params]))
-        stats = StepStats(*means.unbind(), grad_norm=gnorm)
-        run.window.add(stats, run.step + 1)
+                stats = forward_backward(run.ddp, x, cfg=cfg, beta=beta, seed=mb.seed, n_micro=n_micro,
+                                         autocast=run.autocast)
+            if a == 0:
+                row.copy_(stats)
+            else:
+                row.add_(stats)
+        ctx.all_reduce_sum(row)
+        run.window.norm_row(t).copy_(grad_norm(run.params, cfg.grad_clip))
+        run.window.advance(t)
         if self._check_due(run):
             self._check_finite(run)
         run.optimizer.step()
-        return stats
 
     def _check_due(self, run: _Run) -> bool:
         """Whether this step checks for NaN/Inf before its update: every step on a CPU (no cost),
@@ -349,9 +376,15 @@ class Trainer:
         epoch, batch = divmod(bad_step - 1, run.steps_per_epoch)
         where = (f"{self.last_good[0]} (step {self.last_good[1]})" if self.last_good
                  else "none (no checkpoint was written before this step)")
-        applied = ("Training stopped before applying this step." if bad_step == now else
-                   f"Found at step {now} (on {run.ctx.device.type} the check runs every --log-every steps); "
-                   "training stopped and no later state was saved.")
+        if bad_step == now:
+            applied = "Training stopped before applying this step."
+        elif run.captured is not None:
+            applied = (f"Found at step {now} (on {run.ctx.device.type} the check runs every --log-every steps); "
+                       f"the captured step applied no update from step {bad_step} on, training stopped and no "
+                       "later state was saved.")
+        else:
+            applied = (f"Found at step {now} (on {run.ctx.device.type} the check runs every --log-every steps); "
+                       "training stopped and no later state was saved.")
         msg = (f"non-finite loss at step {bad_step} (epoch {epoch + 1}, batch {batch + 1}): loss={stats['loss']}, "
                f"gradient norm={stats['grad_norm']}. {applied} Last good checkpoint: {where}. "
                "Try a lower --lr, --grad-clip, --logvar-clamp -30 20 or --amp off.")
@@ -365,7 +398,7 @@ class Trainer:
         cfg = self.cfg
         rec = {"kind": "train", "step": run.step, "epoch": round(run.step / run.steps_per_epoch, 4),
                "objective": cfg.objective, "train_samples": cfg.train_samples, **w, "beta": beta,
-               "lr": run.optimizer.param_groups[0]["lr"], "time_s": round(run.elapsed(), 3)}
+               "lr": float(run.optimizer.param_groups[0]["lr"]), "time_s": round(run.elapsed(), 3)}
         if run.logger:
             run.logger.log(rec)
         run.postfix["loss"] = f"{w['loss']:.3f}"
@@ -374,22 +407,25 @@ class Trainer:
     # -- evaluation and checkpoints -------------------------------------------------------------
     def _evaluate_and_checkpoint(self, run: _Run) -> None:
         """After an epoch (or the last step): the test ELBO every ``eval_every`` epochs and at the
-        end, then ``last.pt`` (and ``best.pt``). The slow IWAE NLL comes after the final
-        checkpoint, in :meth:`_finish`."""
+        end; ``last.pt`` every ``checkpoint_every`` epochs and at the end, with ``best.pt`` when
+        an evaluation at such an epoch improved on the best so far. The slow IWAE NLL comes
+        after the final checkpoint, in :meth:`_finish`."""
         cfg = self.cfg
         self._check_finite(run)
         at_boundary = run.start_batch == 0
+        due = at_boundary and run.epoch % run.checkpoint_every == 0
         if run.done or (cfg.eval_every and at_boundary and run.epoch % cfg.eval_every == 0):
             run.last_eval = self._evaluate(run, iwae_samples=0)
             if not run.done:  # the final record, with the NLL, is logged by _finish
                 self._log_eval(run, run.last_eval)
-            improved = run.last_eval["test_elbo"] > run.best
-            run.best = max(run.best, run.last_eval["test_elbo"])
-            metrics = {**run.last_eval, "best_test_elbo": run.best, "elapsed_s": run.elapsed()}
-            self._checkpoint(run, "last.pt", metrics)
-            if improved:
-                self._checkpoint(run, "best.pt", metrics)
-        elif at_boundary and run.epoch % cfg.checkpoint_every == 0:
+            if run.done or due:  # best.pt: the best of the evaluations that wrote a checkpoint
+                improved = run.last_eval["test_elbo"] > run.best
+                run.best = max(run.best, run.last_eval["test_elbo"])
+                metrics = {**run.last_eval, "best_test_elbo": run.best, "elapsed_s": run.elapsed()}
+                self._checkpoint(run, "last.pt", metrics)
+                if improved:
+                    self._checkpoint(run, "best.pt", metrics)
+        elif due:
             self._checkpoint(run, "last.pt", {"best_test_elbo": run.best, "elapsed_s": run.elapsed()})
 
     def _log_eval(self, run: _Run, metrics: dict) -> None:
@@ -422,7 +458,7 @@ class Trainer:
         head = f"interrupted at step {run.step} of {run.total_steps}."
         if self.last_good is None:
             return (f"{head} No checkpoint was written yet (one is written every --checkpoint-every "
-                    f"{self.cfg.checkpoint_every} epochs); start again with --overwrite.")
+                    f"{run.checkpoint_every} epochs); start again with --overwrite.")
         path, step = self.last_good
         return (f"{head} Last checkpoint: {path} (step {step}). Resume with: "
                 f"fused-vae train --resume {self.run_dir}")

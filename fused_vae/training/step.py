@@ -1,0 +1,147 @@
+"""The pieces of one optimizer step shared by the eager and the captured trainer step, and the
+captured step itself: forward, backward, clipping, fused AdamW and the statistics as one
+function with static shapes, no host synchronisation and all state in tensors, run as it is,
+under ``torch.compile``, or replayed as a CUDA graph."""
+
+from __future__ import annotations
+
+import torch
+
+from .batches import noise_seeds
+from .stats import BATCH_STATS, StatsWindow
+
+
+def forward_backward(module, x: torch.Tensor, *, cfg, beta, seed: torch.Tensor, n_micro: int,
+                     autocast) -> torch.Tensor:
+    """Runs ``module`` (the VAE, or its DDP wrapper) on micro-batch ``x`` with ``cfg``'s objective
+    and backpropagates its loss divided by ``n_micro``.
+
+    Returns the micro-batch's :data:`~fused_vae.training.stats.BATCH_STATS` as a detached
+    ``[5]`` float32 tensor.
+    """
+    with autocast():
+        out = module(x, beta=beta, free_bits=cfg.free_bits, objective=cfg.objective,
+                     num_samples=cfg.train_samples, seed=seed)
+    (out["loss"] if n_micro == 1 else out["loss"] / n_micro).backward()
+    with torch.no_grad():
+        return torch.stack([out[k] for k in BATCH_STATS])
+
+
+def grad_norm(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """The global gradient norm of ``params`` (0-d tensor), clipping the gradients to
+    ``max_norm`` first if ``max_norm > 0``; no host synchronisation."""
+    if max_norm > 0:
+        return torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
+    return torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None], foreach=True)
+
+
+class CapturedStep:
+    """One optimizer step of a single process as a capturable function.
+
+    Everything a step reads or writes lives in tensors made once: the step counter
+    ``step_t`` (0-based, advanced by the step itself), the micro-batches' dataset indices
+    ``idx`` (``[grad_accum, B / grad_accum]``, filled by :meth:`__call__`), the KL weight
+    ``beta_t``, the learning rate (a tensor in the optimizer's param group, written by the
+    LR scheduler), the statistics rows of ``window`` and ``found_inf``. The noise seeds are
+    derived on the device from ``(seed, step_t, micro-batch)`` by
+    :func:`~fused_vae.training.batches.noise_seeds`, the same seeds as the eager step's, so
+    noise stays fresh when a CUDA graph is replayed. ``found_inf`` is sticky: once a step's
+    loss, statistics or gradient norm is NaN/Inf, fused AdamW applies no update from that
+    step on, so the state stays the one before the bad step until the host reads the window.
+
+    Args:
+        model: the VAE (on ``device``); params: its trainable parameters.
+        optimizer: fused AdamW over ``params``; its ``lr`` becomes a tensor here.
+        train_x: the training set on the model's device.
+        window: the :class:`~fused_vae.training.stats.StatsWindow` rows the step writes.
+        cfg: the :class:`~fused_vae.training.config.TrainConfig`.
+        micro_ids: global micro-batch ids of this process (``grad_accum`` of them).
+        micro_batch: examples per micro-batch.
+        step: the 0-based step the next call trains.
+        autocast: a callable returning the autocast context.
+        mode: ``"eager"`` (the function as it is), ``"compile"`` (``torch.compile``) or
+            ``"cuda-graphs"`` (captured once, then replayed; CUDA only).
+
+    Raises:
+        ValueError: ``cuda-graphs`` on a device that is not CUDA, an optimizer that is not
+            fused, or data that is not on the model's device.
+    """
+
+    def __init__(self, *, model, params, optimizer, train_x, window: StatsWindow, cfg, micro_ids, micro_batch: int,
+                 step: int, autocast, mode: str = "eager"):
+        device = next(model.parameters()).device
+        if mode == "cuda-graphs" and device.type != "cuda":
+            raise ValueError(f"--cuda-graphs needs a CUDA device, got device {device}")
+        if not all(g.get("fused") for g in optimizer.param_groups):
+            raise ValueError("a captured step needs fused AdamW, which this torch has no kernel for on "
+                             f"{device.type}; train without --compile/--cuda-graphs")
+        if train_x.device != device:
+            raise ValueError(f"a captured step needs the training set on {device} (it is on {train_x.device})")
+        self.model, self.params, self.optimizer, self.train_x = model, params, optimizer, train_x
+        self.window, self.cfg, self.autocast, self.mode = window, cfg, autocast, mode
+        self.step_t = torch.tensor(step, dtype=torch.int64, device=device)
+        self.micro_ids = torch.tensor(micro_ids, dtype=torch.int64, device=device)
+        self.idx = torch.zeros(len(micro_ids), micro_batch, dtype=torch.int64, device=device)
+        self.beta_t = torch.zeros((), dtype=torch.float32, device=device)
+        self.found_inf = torch.zeros((), dtype=torch.float32, device=device)
+        # On CUDA the fused kernel reads a float32 lr tensor on the device; on a CPU float64
+        # keeps the lr the eager step passes as a Python float, so both give the same bits.
+        lr_dtype = torch.float64 if device.type == "cpu" else torch.float32
+        for g in optimizer.param_groups:
+            g["lr"] = torch.tensor(float(g["lr"]), dtype=lr_dtype, device=device)
+            g["capturable"] = mode == "cuda-graphs"
+        optimizer.found_inf = self.found_inf
+        self._fn = torch.compile(self._step) if mode == "compile" else self._step
+        self._graph = None
+
+    def _step(self) -> None:
+        cfg = self.cfg
+        if self._graph is None:  # a CUDA graph's backward writes the same gradient buffers each replay
+            self.optimizer.zero_grad(set_to_none=True)
+        n_micro = self.idx.shape[0]
+        seeds = noise_seeds(cfg.seed, self.step_t, self.micro_ids)
+        beta = self.beta_t if cfg.kl_warmup_steps > 0 else float(cfg.beta)
+        sums = None
+        for a in range(n_micro):
+            s = forward_backward(self.model, self.train_x[self.idx[a]], cfg=cfg, beta=beta, seed=seeds[a],
+                                 n_micro=n_micro, autocast=self.autocast).double()
+            sums = s if sums is None else sums + s
+        values = torch.cat([sums, grad_norm(self.params, cfg.grad_clip).double().reshape(1)])
+        with torch.no_grad():
+            self.found_inf.copy_(torch.maximum(self.found_inf, (~torch.isfinite(values).all()).float()))
+            self.window.rows.index_copy_(0, (self.step_t % self.window.size).reshape(1), values.reshape(1, -1))
+        self.optimizer.step()
+        self.step_t += 1
+
+    def _capture(self) -> None:
+        """Warms up (three steps on a side stream with the update switched off, so no state
+        changes) and captures one step into a CUDA graph."""
+        step0 = self.step_t.clone()
+        self.found_inf.fill_(1.0)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                self._step()
+        torch.cuda.current_stream().wait_stream(side)
+        self.step_t.copy_(step0)
+        self.found_inf.fill_(0.0)
+        self.optimizer.zero_grad(set_to_none=True)
+        graph = torch.cuda.CUDAGraph()
+        self._graph = graph
+        with torch.cuda.graph(graph):
+            self._step()
+
+    def __call__(self, indices: list[torch.Tensor], beta: float) -> None:
+        """Trains one step on the micro-batches with dataset ``indices`` (``[B / grad_accum]``
+        each) at KL weight ``beta``; the statistics land in the window's row of the step."""
+        for a, ix in enumerate(indices):
+            self.idx[a].copy_(ix, non_blocking=True)
+        if self.cfg.kl_warmup_steps > 0:
+            self.beta_t.fill_(beta)
+        if self.mode != "cuda-graphs":
+            self._fn()
+            return
+        if self._graph is None:
+            self._capture()
+        self._graph.replay()
