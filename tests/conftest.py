@@ -78,10 +78,19 @@ def pytest_generate_tests(metafunc):
     collection, after pytest_configure has chosen the devices)."""
     if "backend" in metafunc.fixturenames:
         metafunc.parametrize("backend", _backend_cases(metafunc.config), indirect=True)
+    if "op_backend" in metafunc.fixturenames:
+        cases = [c for c in _backend_cases(metafunc.config) if c.values[0][0] != "reference"]
+        metafunc.parametrize("op_backend", cases, indirect=True)
 
 
 @pytest.fixture
 def backend(request, cuda_emulation):
     """(backend name, device string) for every backend usable on this machine, the
     emulated CUDA device ("cuda", "cpu") included."""
+    return request.param
+
+
+@pytest.fixture
+def op_backend(request, cuda_emulation):
+    """Like `backend`, for the backends with a torch.library op pair (all but the reference)."""
     return request.param

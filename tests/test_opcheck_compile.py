@@ -9,11 +9,9 @@ import fused_vae as fv
 from helpers import backend_op_pair, make_inputs
 
 
-def compiled_backend_cases(backend):
-    ops = backend_op_pair(backend)
-    if ops is None:
-        pytest.skip(f"{backend[0]} is not a torch.library op backend")
-    return ops[0], ops[1], backend[1]
+def compiled_backend_cases(op_backend):
+    fwd, bwd = backend_op_pair(op_backend)
+    return fwd, bwd, op_backend[1]
 
 
 FWD_ARGS = [
@@ -28,8 +26,8 @@ FWD_ARGS = [
 
 
 @pytest.mark.parametrize("args", FWD_ARGS, ids=lambda a: f"{a[0]}-S{a[1]}-kl{a[2]}-{a[5]}")
-def test_opcheck_forward(backend, args):
-    fwd, _, device = compiled_backend_cases(backend)
+def test_opcheck_forward(op_backend, args):
+    fwd, _, device = compiled_backend_cases(op_backend)
     shape, num_samples, kl_mode, lo, hi, dtype = args
     mu, lv = make_inputs(shape, dtype, device, seed=3, requires_grad=dtype != torch.bfloat16)
     seed = torch.tensor(1234, device=device)
@@ -37,8 +35,8 @@ def test_opcheck_forward(backend, args):
 
 
 @pytest.mark.parametrize("kl_mode", [0, 1, 2, 3, 4])
-def test_opcheck_backward(backend, kl_mode):
-    fwd, bwd, device = compiled_backend_cases(backend)
+def test_opcheck_backward(op_backend, kl_mode):
+    fwd, bwd, device = compiled_backend_cases(op_backend)
     mu, lv = make_inputs((4, 5), torch.float32, device, seed=4)
     seed = torch.tensor(99, device=device)
     z, kl = fwd(mu, lv, seed, 2, kl_mode, -3.0, 3.0)
