@@ -34,7 +34,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import fused_vae as fv  # noqa: E402
-from common import environment, load_average, result_path, speedup, time_calls, timing_method, us, write_result  # noqa: E402
+from common import environment, load_average, save_result, speedup, time_calls, timing_method, us  # noqa: E402
 from plain import reparameterize_kl_eager  # noqa: E402
 
 SMALL_SIZES = [(128, 32), (100, 50)]
@@ -255,9 +255,7 @@ def main(argv=None) -> int:
         "target_lines": targets,
         "results": rows,
     }
-    out = write_result(args.out or result_path("cpu-ops", quick=args.quick), payload)
-    print(out)
-    return 0
+    return save_result(args, "cpu-ops", payload)
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import environment, result_path, time_calls, timing_method, us, write_result  # noqa: E402
+from common import environment, save_result, time_calls, timing_method, us  # noqa: E402
 from plain import PlainMLPVAE, plain_loss  # noqa: E402
 
 import fused_vae as fv  # noqa: E402
@@ -177,9 +177,7 @@ def main(argv=None) -> int:
         "eval": {"k": EVAL_K, "images_per_call": n_eval, "threads": args.threads, "impls": eval_rows},
         "table1_training_hours_fused_all_rows_min": table1_hours,
     }
-    out = write_result(args.out or result_path("cpu-iwae-step", quick=args.quick), payload)
-    print(out)
-    return 0
+    return save_result(args, "cpu-iwae-step", payload)
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import fused_vae as fv  # noqa: E402
-from common import environment, load_average, result_path, speedup, time_calls, timing_method, us, write_result  # noqa: E402
+from common import environment, load_average, save_result, speedup, time_calls, timing_method, us  # noqa: E402
 from fused_vae.models import MLPVAE, derive_seed  # noqa: E402
 from plain import PlainMLPVAE  # noqa: E402
 
@@ -162,9 +162,7 @@ def main(argv=None) -> int:
         "target_line": target,
         "results": rows,
     }
-    out = write_result(args.out or result_path("cpu-train-step", quick=args.quick), payload)
-    print(out)
-    return 0
+    return save_result(args, "cpu-train-step", payload)
 
 
 if __name__ == "__main__":

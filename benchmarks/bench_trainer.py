@@ -67,7 +67,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import environment, load_average, result_path, write_result  # noqa: E402
+from common import environment, load_average, save_result  # noqa: E402
 from plain import PlainMLPVAE, train_plain  # noqa: E402
 
 from fused_vae.training import config as config_module  # noqa: E402
@@ -396,9 +396,7 @@ def main(argv=None) -> int:
         "compiled_over_eager_steady": gains,
         "results": results,
     }
-    out = write_result(args.out or result_path("cpu-trainer", quick=args.quick), payload)
-    print(out)
-    return 0
+    return save_result(args, "cpu-trainer", payload)
 
 
 if __name__ == "__main__":

@@ -188,6 +188,13 @@ def write_result(path: Path, payload: dict) -> Path:
     return path
 
 
+def save_result(args, kind: str, payload: dict) -> int:
+    """Writes ``payload`` to ``args.out`` or :func:`result_path` (``kind``, ``args.quick``), prints
+    the path and returns 0 (a benchmark's exit status)."""
+    print(write_result(args.out or result_path(kind, quick=args.quick), payload))
+    return 0
+
+
 def us(seconds: float) -> str:
     """``seconds`` as microseconds for a table cell, e.g. ``'  42.1 us'``."""
     return f"{seconds * 1e6:8.1f} us"

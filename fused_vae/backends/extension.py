@@ -98,7 +98,8 @@ def _load_jit() -> None:
     with_cuda = _cuda_toolkit_present()
     name = "fused_vae_ext_cuda" if with_cuda else "fused_vae_ext_cpu"
     if not _jit_cache_is_warm(name, with_cuda):
-        log.warning("fused_vae: building the C++ extension %s (first use only, about 20 s on 2 cores; cached)", name)
+        log.warning("fused_vae: building the C++ extension %s (first use only, about a minute on 2 CPU cores; "
+                    "cached)", name)
     load(
         name=name,
         sources=[str(p) for p in build.sources(with_cuda)],
