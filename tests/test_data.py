@@ -222,3 +222,14 @@ def test_batch_schedule_errors():
         TrainBatches(100, 10, world_size=3)
     with pytest.raises(ValueError, match="larger than the training set"):
         TrainBatches(5, 10)
+
+
+def test_epoch_seeds_are_the_noise_seeds_of_their_steps_across_seed_chunks(monkeypatch):
+    from fused_vae.training import batches as batches_module
+
+    monkeypatch.setattr(batches_module, "SEED_CHUNK_STEPS", 7)  # chunks end inside epochs
+    b = TrainBatches(40, 8, grad_accum=2)  # 5 steps per epoch, micro-batches 0 and 1
+    for epoch, start in [(0, 0), (1, 2), (2, 0), (1, 0), (6, 4)]:
+        got = [[int(m.seed) for m in ms] for _, ms in b.epoch(epoch, start, seed=11)]
+        steps = torch.arange(epoch * 5 + start, epoch * 5 + 5)
+        assert got == noise_seeds(11, steps[:, None], torch.arange(2)[None, :]).tolist()

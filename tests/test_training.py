@@ -254,3 +254,83 @@ def test_paper_architecture_on_mnist_idx_files(tmp_path):
     ck = load_checkpoint(cfg.run_dir / "checkpoints" / "last.pt")
     assert ck["model_spec"]["input_shape"] == [1, 28, 28] and ck["model_spec"]["hidden"] == [200, 200]
     assert summary["steps"] == 4 and summary["test_iwae_nll"] <= -summary["test_elbo"] + 1.0
+
+
+def _adam_pair(weight_decay):
+    from fused_vae.training.optim import make_optimizer
+
+    torch.manual_seed(0)
+    shapes = [(7, 5), (5,), (3, 7)]
+    a = [torch.randn(s, requires_grad=True) for s in shapes]
+    b = [p.detach().clone().requires_grad_() for p in a]
+    opt_a, fused = make_optimizer(a, lr=1e-2, weight_decay=weight_decay, eps=1e-4)
+    opt_b, _ = make_optimizer(b, lr=1e-2, weight_decay=weight_decay, eps=1e-4)
+    if not fused:
+        pytest.skip("no fused Adam on this torch/device")
+    return a, b, opt_a, opt_b
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+def test_direct_adam_gives_optimizer_step_bits_and_state(weight_decay):
+    from fused_vae.training.optim import DirectAdam, make_scheduler
+
+    a, b, opt_a, opt_b = _adam_pair(weight_decay)
+    sched_a = make_scheduler(opt_a, total_steps=6, warmup_steps=2, schedule="cosine", min_ratio=0.1)
+    sched_b = torch.optim.lr_scheduler.LambdaLR(opt_b, lambda s: sched_a.lr_lambdas[0](s))
+    direct = DirectAdam(opt_a, a)
+    for step in range(6):
+        grads = [torch.randn_like(p) for p in a]
+        for pa, pb, g in zip(a, b, grads):
+            pa.grad, pb.grad = g.clone(), g.clone()
+        direct.step()
+        opt_b.step()
+        assert (direct._lists is not None) == (step >= 0)  # gathered after the first (initialising) step
+        sched_a.step()
+        sched_b.step()
+        assert opt_a.param_groups[0]["lr"] == opt_b.param_groups[0]["lr"] and sched_a.get_last_lr() == sched_b.get_last_lr()
+        for pa, pb in zip(a, b):
+            assert torch.equal(pa, pb)
+    sa, sb = opt_a.state_dict(), opt_b.state_dict()
+    for i in range(len(a)):
+        for k in ("step", "exp_avg", "exp_avg_sq"):
+            assert torch.equal(sa["state"][i][k], sb["state"][i][k])
+    assert sched_a.state_dict().keys() == sched_b.state_dict().keys()
+    assert sched_a.state_dict()["last_epoch"] == sched_b.state_dict()["last_epoch"] == 6
+
+
+def test_direct_adam_falls_back_to_optimizer_step_for_a_missing_gradient():
+    from fused_vae.training.optim import DirectAdam
+
+    a, b, opt_a, opt_b = _adam_pair(0.0)
+    direct = DirectAdam(opt_a, a)
+    for step in range(3):
+        for i, (pa, pb) in enumerate(zip(a, b)):
+            g = None if (step == 2 and i == 1) else torch.randn_like(pa)
+            pa.grad, pb.grad = g, (None if g is None else g.clone())
+        direct.step()
+        opt_b.step()
+        for pa, pb in zip(a, b):
+            assert torch.equal(pa, pb)
+    assert torch.equal(opt_a.state[a[1]]["step"], opt_b.state[b[1]]["step"])
+
+
+@pytest.mark.parametrize("max_norm", [0.0, 0.5, 1e6])
+def test_grad_norm_matches_clip_grad_norm(max_norm):
+    from fused_vae.training.step import grad_norm
+
+    torch.manual_seed(1)
+    a = [torch.randn(s, requires_grad=True) for s in [(4, 3), (3,), (6,)]]
+    b = [p.detach().clone().requires_grad_() for p in a]
+    for pa, pb in zip(a, b):
+        pa.grad = torch.randn_like(pa)
+        pb.grad = pa.grad.clone()
+    ref = torch.cat([p.grad.double().flatten() for p in b]).norm()
+    got = grad_norm(a, max_norm)
+    want = (torch.nn.utils.clip_grad_norm_(b, max_norm, foreach=True) if max_norm > 0
+            else torch.nn.utils.get_total_norm([p.grad for p in b], foreach=True))
+    assert torch.equal(got, want)
+    assert got.item() == pytest.approx(ref.item(), rel=1e-6)
+    for pa, pb in zip(a, b):
+        assert torch.equal(pa.grad, pb.grad)
+    if max_norm == 0.5:
+        assert torch.cat([p.grad.double().flatten() for p in a]).norm().item() == pytest.approx(0.5, rel=1e-5)

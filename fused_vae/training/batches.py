@@ -27,6 +27,10 @@ from ..models.seeds import counter_seeds, derive_seed
 NOISE_TAG = 1
 BINARIZE_TAG = 2
 EVAL_TAG = 3
+# The eager step's noise seeds are computed this many steps at a time (at least an epoch): a
+# small epoch (14 steps of the default run) would otherwise pay the tensor calls of one
+# Philox evaluation every few steps.
+SEED_CHUNK_STEPS = 1024
 
 
 @dataclass(frozen=True)
@@ -69,6 +73,7 @@ class TrainBatches:
         if self.steps_per_epoch < 1:
             raise ValueError(f"batch_size {batch_size} leaves no full batch per epoch for {num_examples} examples")
         self.micro_ids = [rank + world_size * a for a in range(grad_accum)]
+        self._seeds = None  # ((seed, device), first step, steps, [0-d seed per (step, micro-batch)])
 
     def order(self, epoch: int) -> torch.Tensor:
         """This process's examples of ``epoch`` as ``[steps_per_epoch, grad_accum, B / M]`` int64
@@ -81,16 +86,29 @@ class TrainBatches:
         """Yields ``(i, [MicroBatch, ...])`` for steps ``i = start .. steps_per_epoch - 1`` of ``epoch``.
 
         With ``seed``, each micro-batch carries its noise seed (:func:`noise_seeds` of the
-        global step ``epoch * steps_per_epoch + i``), computed for the whole epoch at once on ``device``.
+        global step ``epoch * steps_per_epoch + i``), computed on ``device`` for
+        :data:`SEED_CHUNK_STEPS` steps (at least the epoch) at a time.
         """
         order = self.order(epoch)
-        seeds = [None] * (self.steps_per_epoch * self.grad_accum)
+        seeds, first = [None] * (self.steps_per_epoch * self.grad_accum), 0
         if seed is not None:
-            steps = torch.arange(self.steps_per_epoch, dtype=torch.int64, device=device) + epoch * self.steps_per_epoch
-            ids = torch.tensor(self.micro_ids, dtype=torch.int64, device=device)
-            seeds = list(noise_seeds(seed, steps[:, None], ids[None, :]).view(-1).unbind())
+            seeds, first = self._step_seeds(seed, device, epoch * self.steps_per_epoch, self.steps_per_epoch)
         for i in range(start, self.steps_per_epoch):
-            yield i, [MicroBatch(order[i, a], m, seeds[i * self.grad_accum + a]) for a, m in enumerate(self.micro_ids)]
+            at = first + i * self.grad_accum
+            yield i, [MicroBatch(order[i, a], m, seeds[at + a]) for a, m in enumerate(self.micro_ids)]
+
+    def _step_seeds(self, seed: int, device, first: int, n: int) -> tuple[list[torch.Tensor], int]:
+        """``(seeds, offset)``: ``seeds[offset + i * grad_accum + a]`` is the :func:`noise_seeds`
+        seed of micro-batch ``micro_ids[a]`` at step ``first + i`` (``i < n``); computed
+        ``max(n, SEED_CHUNK_STEPS)`` steps at a time and kept."""
+        key = (seed, str(device))
+        c = self._seeds
+        if c is None or c[0] != key or not (c[1] <= first and first + n <= c[1] + c[2]):
+            count = max(n, SEED_CHUNK_STEPS)
+            steps = torch.arange(count, dtype=torch.int64, device=device) + first
+            ids = torch.tensor(self.micro_ids, dtype=torch.int64, device=device)
+            c = self._seeds = (key, first, count, list(noise_seeds(seed, steps[:, None], ids[None, :]).view(-1).unbind()))
+        return c[3], (first - c[1]) * self.grad_accum
 
 
 def noise_seeds(seed: int, steps: torch.Tensor, micro_ids: torch.Tensor) -> torch.Tensor:

@@ -72,10 +72,95 @@ def lr_factor(step: int, *, total_steps: int, warmup_steps: int, schedule: str, 
     raise ValueError(f"lr_schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
 
 
+class FactorLR(torch.optim.lr_scheduler.LambdaLR):
+    """``LambdaLR`` whose plain :meth:`step` (no ``epoch``) sets each group's lr to
+    ``base_lr * factor(last_epoch)`` directly: the same values and state dict as ``LambdaLR``,
+    without its per-step checks and context managers (a trainer step on a small model is a
+    few milliseconds, and those cost tens of microseconds)."""
+
+    def step(self, epoch: int | None = None) -> None:
+        """Advances one step (``epoch`` given: ``LambdaLR.step(epoch)``)."""
+        if epoch is not None:
+            super().step(epoch)
+            return
+        self._step_count += 1
+        self.last_epoch += 1
+        self._get_lr_called_within_step = False  # (LambdaLR.step leaves it so: the same state dict)
+        last = []
+        for group, factor, base in zip(self.optimizer.param_groups, self.lr_lambdas, self.base_lrs):
+            lr = base * factor(self.last_epoch)
+            if isinstance(group["lr"], torch.Tensor):
+                group["lr"].fill_(lr)
+                last.append(group["lr"].clone())
+            else:
+                group["lr"] = lr
+                last.append(lr)
+        self._last_lr = last
+
+
 def make_scheduler(optimizer, *, total_steps: int, warmup_steps: int, schedule: str, min_ratio: float,
                    steps_per_epoch: int = 1):
-    """A ``LambdaLR`` applying :func:`lr_factor` (its state dict holds only numbers)."""
+    """A :class:`FactorLR` (a ``LambdaLR``) applying :func:`lr_factor` (its state dict holds only numbers)."""
     kwargs = dict(total_steps=total_steps, warmup_steps=warmup_steps, schedule=schedule, min_ratio=min_ratio,
                   steps_per_epoch=steps_per_epoch)
     lr_factor(0, **kwargs)
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, **kwargs))
+    return FactorLR(optimizer, lambda step: lr_factor(step, **kwargs))
+
+
+class DirectAdam:
+    """Applies a fused Adam/AdamW ``optimizer``'s update by calling torch's fused kernel on
+    state lists gathered once, bypassing ``optimizer.step()``'s per-step wrappers (hooks,
+    profiler ranges, grouping by device): the same kernel with the same arguments, so the
+    same bits and the same state (``optimizer.state_dict()`` is unchanged in form).
+
+    It falls back to ``optimizer.step()`` whenever the fast path does not apply: an
+    optimizer that is not fused, several param groups, amsgrad/maximize/capturable/
+    differentiable, step hooks, a grad scaler or ``found_inf``, parameters on several
+    devices or dtypes, a parameter without a gradient, or state not yet made (the first
+    step, which ``optimizer.step()`` initialises; the lists are gathered after it).
+
+    Args:
+        optimizer: a ``torch.optim.Adam``/``AdamW``; params: its parameters, in order.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, params: list[torch.Tensor]):
+        self.optimizer, self.params = optimizer, list(params)
+        self._lists = None
+
+    def _gather(self):
+        opt = self.optimizer
+        if len(opt.param_groups) != 1 or opt._optimizer_step_pre_hooks or opt._optimizer_step_post_hooks:
+            return None
+        g = opt.param_groups[0]
+        if (not g.get("fused") or g["amsgrad"] or g["maximize"] or g["capturable"] or g["differentiable"]
+                or getattr(opt, "grad_scale", None) is not None or getattr(opt, "found_inf", None) is not None
+                or any(isinstance(g[k], torch.Tensor) for k in ("lr", "weight_decay", "eps"))
+                or any(isinstance(b, torch.Tensor) for b in g["betas"]) or len(g["params"]) != len(self.params)
+                or any(a is not b for a, b in zip(g["params"], self.params))
+                or len({(p.device, p.dtype) for p in self.params}) != 1):
+            return None
+        states = [opt.state.get(p, {}) for p in self.params]
+        if not all("exp_avg" in s for s in states):
+            return None
+        kernel = torch._fused_adamw_ if g.get("decoupled_weight_decay", isinstance(opt, torch.optim.AdamW)) \
+            else torch._fused_adam_
+        return (kernel, g, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
+                [s["step"] for s in states])
+
+    def step(self) -> None:
+        """One update with the parameters' current ``.grad``."""
+        from torch.optim import optimizer as _optimizer
+
+        grads = [p.grad for p in self.params]
+        if (self._lists is None or any(g is None for g in grads) or _optimizer._global_optimizer_pre_hooks
+                or _optimizer._global_optimizer_post_hooks):
+            self.optimizer.step()
+            self._lists = self._gather()
+            return
+        kernel, g, exp_avgs, exp_avg_sqs, steps = self._lists
+        beta1, beta2 = g["betas"]
+        with torch.no_grad():
+            torch._foreach_add_(steps, 1)
+            kernel(self.params, grads, exp_avgs, exp_avg_sqs, [], steps, amsgrad=False, lr=g["lr"], beta1=beta1,
+                   beta2=beta2, weight_decay=g["weight_decay"], eps=g["eps"], maximize=False, grad_scale=None,
+                   found_inf=None)

@@ -28,11 +28,21 @@ def forward_backward(module, x: torch.Tensor, *, cfg, beta, seed: torch.Tensor, 
 
 
 def grad_norm(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
-    """The global gradient norm of ``params`` (0-d tensor), clipping the gradients to
-    ``max_norm`` first if ``max_norm > 0``; no host synchronisation."""
+    """The global (2-)norm of the gradients of ``params`` (0-d tensor), clipping the gradients
+    to ``max_norm`` afterwards if ``max_norm > 0``; no host synchronisation.
+
+    The same ops as ``torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)`` (same
+    bits), called directly when all gradients share a device and dtype (the usual case), which
+    skips that function's grouping and wrappers; otherwise that function itself."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads or len({(g.device, g.dtype) for g in grads}) != 1:
+        if max_norm > 0:
+            return torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
+        return torch.nn.utils.get_total_norm(grads, foreach=True)
+    total = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, 2.0)), 2.0)
     if max_norm > 0:
-        return torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
-    return torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None], foreach=True)
+        torch._foreach_mul_(grads, torch.clamp(float(max_norm) / (total + 1e-6), max=1.0))
+    return total
 
 
 class CapturedStep:

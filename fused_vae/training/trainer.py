@@ -22,7 +22,7 @@ from .data import DataBundle, binarize, load_data
 from .distributed import DistContext, setup
 from .evaluation import evaluate
 from .metrics import check_tensorboard
-from .optim import make_optimizer, make_scheduler, optimizer_name
+from .optim import DirectAdam, make_optimizer, make_scheduler, optimizer_name
 from .progress import progress_bar
 from .stats import StatsWindow
 from .step import CapturedStep, forward_backward, grad_norm
@@ -98,6 +98,7 @@ class _Run:
     window: StatsWindow | None = None
     params: list = field(default_factory=list)
     captured: CapturedStep | None = None
+    update: DirectAdam | None = None
     checkpoint_every: int = 1
 
     @property
@@ -250,10 +251,11 @@ class Trainer:
             ddp = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
         data_info = {"name": data.name, "input_shape": list(data.input_shape), "value_range": list(data.value_range),
                      "num_train": int(data.train.shape[0]), "num_test": int(data.test.shape[0])}
+        params = [p for p in model.parameters() if p.requires_grad]
         run = _Run(ctx=ctx, data=data, spec=spec, model=model, ddp=ddp, optimizer=optimizer, scheduler=scheduler,
                    fused_adamw=fused, batches=batches, train_x=train_x, total_steps=total_steps,
                    backend_name=backend_name, autocast=self._amp_context(device), data_info=data_info,
-                   params=[p for p in model.parameters() if p.requires_grad],
+                   params=params, update=DirectAdam(optimizer, params),
                    checkpoint_every=cfg.checkpoint_every or -(-CHECKPOINT_STEPS // spe))
         if ck is not None:
             model.load_state_dict(ck["model"])
@@ -338,7 +340,8 @@ class Trainer:
         ctx = run.ctx
         device = ctx.device
         t = run.step + 1
-        run.optimizer.zero_grad(set_to_none=True)
+        for p in run.params:  # optimizer.zero_grad(set_to_none=True) without its wrappers
+            p.grad = None
         n_micro = len(micros)
         row = run.window.batch_row(t)
         for a, mb in enumerate(micros):
@@ -358,7 +361,7 @@ class Trainer:
         run.window.advance(t)
         if self._check_due(run):
             self._check_finite(run)
-        run.optimizer.step()
+        run.update.step()
 
     def _check_due(self, run: _Run) -> bool:
         """Whether this step checks for NaN/Inf before its update: every step on a CPU (no cost),
