@@ -142,8 +142,10 @@ class DirectAdam:
         states = [opt.state.get(p, {}) for p in self.params]
         if not all("exp_avg" in s for s in states):
             return None
-        kernel = torch._fused_adamw_ if g.get("decoupled_weight_decay", isinstance(opt, torch.optim.AdamW)) \
-            else torch._fused_adam_
+        decoupled = g.get("decoupled_weight_decay", isinstance(opt, torch.optim.AdamW))
+        kernel = getattr(torch, "_fused_adamw_" if decoupled else "_fused_adam_", None)
+        if kernel is None:  # a torch without these (private) kernels: optimizer.step() always
+            return None
         return (kernel, g, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
                 [s["step"] for s in states])
 
