@@ -15,7 +15,7 @@ from fused_vae.training import step as step_mod
 from fused_vae.training.config import ConfigError
 from fused_vae.training.trainer import Trainer
 
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device: CUDA graph capture cannot be emulated")
 
 
 def tiny(tmp_path, **kw) -> TrainConfig:
