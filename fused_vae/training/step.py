@@ -83,10 +83,11 @@ class CapturedStep:
         if mode == "cuda-graphs" and device.type != "cuda":
             raise ValueError(f"--cuda-graphs needs a CUDA device, got device {device}")
         if not all(g.get("fused") for g in optimizer.param_groups):
-            raise ValueError("a captured step needs fused AdamW, which this torch has no kernel for on "
-                             f"{device.type}; train without --compile/--cuda-graphs")
+            raise ValueError("--compile and --cuda-graphs need the fused Adam/AdamW kernel, which this torch "
+                             f"lacks on {device.type}; train without them")
         if train_x.device != device:
-            raise ValueError(f"a captured step needs the training set on {device} (it is on {train_x.device})")
+            raise ValueError(f"--compile and --cuda-graphs need the training set in {device} memory (it is on "
+                             f"{train_x.device}: larger than the trainer copies to a device)")
         self.model, self.params, self.optimizer, self.train_x = model, params, optimizer, train_x
         self.window, self.cfg, self.autocast, self.mode = window, cfg, autocast, mode
         self.step_t = torch.tensor(step, dtype=torch.int64, device=device)

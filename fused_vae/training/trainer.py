@@ -238,8 +238,6 @@ class Trainer:
         captured = cfg.compile or cfg.cuda_graphs
         if captured and ctx.distributed:
             raise ConfigError("--compile and --cuda-graphs train in one process; run without torchrun, or without them")
-        if cfg.cuda_graphs and device.type != "cuda":
-            raise ConfigError(f"--cuda-graphs needs a CUDA device, got --device {cfg.device} ({device})")
         optimizer, fused = make_optimizer(model.parameters(), lr=cfg.lr, eps=cfg.adam_eps,
                                           weight_decay=cfg.weight_decay)
         scheduler = make_scheduler(optimizer, total_steps=total_steps, warmup_steps=cfg.lr_warmup_steps,
@@ -272,16 +270,13 @@ class Trainer:
                 print(f"resuming from step {run.step} (epoch {run.step / spe:g}) of {self.last_good[0]}", flush=True)
         run.window = StatsWindow(device, cfg.log_every, divisor=cfg.grad_accum * ctx.world_size, step=run.step)
         if captured:
-            if not fused:
-                raise ConfigError("--compile and --cuda-graphs need the fused Adam/AdamW kernel, which this "
-                                  f"torch lacks on {device.type}; train without them")
-            if train_x.device != device:
-                raise ConfigError(f"--compile and --cuda-graphs need the training set in {device} memory "
-                                  f"(it holds {train_x.numel() * 4} bytes, over {_DEVICE_DATA_LIMIT})")
-            run.captured = CapturedStep(
-                model=model, params=run.params, optimizer=optimizer, train_x=train_x, window=run.window, cfg=cfg,
-                micro_ids=batches.micro_ids, micro_batch=batches.local_batch // cfg.grad_accum, step=run.step,
-                autocast=run.autocast, mode="cuda-graphs" if cfg.cuda_graphs else "compile")
+            try:
+                run.captured = CapturedStep(
+                    model=model, params=run.params, optimizer=optimizer, train_x=train_x, window=run.window,
+                    cfg=cfg, micro_ids=batches.micro_ids, micro_batch=batches.local_batch // cfg.grad_accum,
+                    step=run.step, autocast=run.autocast, mode="cuda-graphs" if cfg.cuda_graphs else "compile")
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
         return run
 
     def _open_outputs(self, run: _Run) -> None:
