@@ -19,8 +19,8 @@ digits (1437 training images of 8x8, 64 inputs):
 Variants: ``eager``, and ``compiled``: the trainer with ``--compile`` (reported as not
 available while ``fused-vae train`` has no such flag) against the plain loop with a
 ``torch.compile``-d loss (forward and backward graphs; clipping and fused Adam eager).
-A compiled trainer step cannot binarize anew each step, so the compiled IWAE-net runs use
-``--binarize static`` and the plain loop the same once-binarized data. By default only
+Both binarize anew each step in the IWAE-net runs (the trainer on the device, from seeds of
+``(seed, step, micro-batch)``; the plain loop with ``torch.bernoulli``). By default only
 ``default`` and the two K = 5 configurations run compiled (each compiled trainer process
 compiles its step afresh, tens of seconds here); ``--compiled-configs`` picks others.
 
@@ -116,16 +116,6 @@ def configurations() -> dict[str, dict]:
                                binarize="dynamic", grad_accum=1),
             }
     return configs
-
-
-def for_variant(config: dict, variant: str) -> dict:
-    """``config`` as run in ``variant``: compiled runs binarize once (``--binarize static``, the
-    plain loop the same data) where the eager run binarizes each step, which a compiled trainer
-    step does not support."""
-    if variant != "compiled" or not config["plain"]["dynamic_binarize"]:
-        return config
-    return {"args": [*config["args"], "--binarize", "static"], "plain": {**config["plain"], "dynamic_binarize": False},
-            "expect": {**config["expect"], "binarize": "static"}, "binarize": "static"}
 
 
 def _env() -> dict:
@@ -270,8 +260,7 @@ def run_rounds(cases: list[tuple[str, str]], all_configs: dict, *, rounds: int, 
     """``rounds`` interleaved rounds over ``cases`` (``(configuration, variant)``): in each, the trainer
     and the plain loop (alternating which goes first); ``{case: [{"round", "order", "trainer", "plain"}]}``,
     ``"trainer"`` None where the trainer has no flag for the variant."""
-    data = {b: load_data(TrainConfig(data="digits", binarize=b)).train for b in ("none", "static")}
-    train_x = data["none"]
+    train_x = load_data(TrainConfig(data="digits")).train
     torch.manual_seed(0)
     models = {case: PlainMLPVAE(train_x[0].numel(), 50, (200, 200)) for case in cases}
     inits = {case: {k: v.clone() for k, v in m.state_dict().items()} for case, m in models.items()}
@@ -279,7 +268,7 @@ def run_rounds(cases: list[tuple[str, str]], all_configs: dict, *, rounds: int, 
     with tempfile.TemporaryDirectory(prefix="bench-trainer-") as tmp:
         for r in range(rounds):
             for name, variant in cases:
-                config, compiled = for_variant(all_configs[name], variant), variant == "compiled"
+                config, compiled = all_configs[name], variant == "compiled"
                 sides = {}
                 order = ("trainer", "plain") if r % 2 == 0 else ("plain", "trainer")
                 for side in order:
@@ -290,7 +279,7 @@ def run_rounds(cases: list[tuple[str, str]], all_configs: dict, *, rounds: int, 
                                                   name=f"{name}-{variant}", num_train=train_x.shape[0])
                     else:
                         sides[side] = run_plain(models[(name, variant)], inits[(name, variant)],
-                                                data[config.get("binarize", "none")], config, steps=steps,
+                                                train_x, config, steps=steps,
                                                 compiled=compiled)
                 raw[(name, variant)].append({"round": r, "order": list(order), **sides})
                 print(f"round {r + 1}/{rounds} {name:14s} {variant:8s} {_round_line(sides)}", flush=True)
@@ -366,7 +355,7 @@ def main(argv=None) -> int:
     results = []
     for (name, variant), rows in raw.items():
         stats = summarize_case(rows)
-        config = for_variant(all_configs[name], variant)
+        config = all_configs[name]
         row = {"config": name, "variant": variant, "trainer_available": rows[0]["trainer"] is not None,
                "trainer_args": config["args"], "plain": config["plain"], **stats, "rounds": rows}
         if not row["trainer_available"]:

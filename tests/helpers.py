@@ -129,3 +129,24 @@ def run_python(code: str, **env) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, env=full_env, timeout=600
     )
+
+
+def poison_forward(monkeypatch, call: int, value: float) -> None:
+    """Makes the ``call``-th ``VAE.forward`` of the test (1-based) return its loss times
+    ``value`` (NaN or Inf), in the dict and in the trainer's ``(loss, stats)`` form."""
+    from fused_vae.models.base import VAE
+
+    real, calls = VAE.forward, {"n": 0}
+
+    def forward(self, x, **kw):
+        out = real(self, x, **kw)
+        calls["n"] += 1
+        if calls["n"] != call:
+            return out
+        if isinstance(out, dict):
+            return {**out, "loss": out["loss"] * value}
+        loss, stats = out
+        bad = loss * value
+        return bad, torch.cat([bad.detach().reshape(1), stats[1:]])
+
+    monkeypatch.setattr(VAE, "forward", forward)

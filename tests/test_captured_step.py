@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import test_training
+from helpers import poison_forward
 
-from fused_vae.models.base import VAE
 from fused_vae.training import NonFiniteLossError, TrainConfig, load_checkpoint, train
 from fused_vae.training import step as step_mod
 from fused_vae.training.config import ConfigError
@@ -43,7 +43,7 @@ def uncompiled(monkeypatch):
 HARD = dict(kl_warmup_steps=5, grad_clip=5.0, grad_accum=2, lr_warmup_steps=2, free_bits=0.05)
 
 
-@pytest.mark.parametrize("kw", [{}, HARD, dict(objective="iwae", train_samples=3, binarize="static")],
+@pytest.mark.parametrize("kw", [{}, HARD, dict(objective="iwae", train_samples=3, binarize="dynamic")],
                          ids=["default", "warmup-clip-accum", "iwae"])
 def test_the_captured_step_is_the_eager_step_bit_for_bit(tmp_path, uncompiled, kw):
     """Same ops in the same order (seeds derived on the device from the step counter, a tensor
@@ -83,20 +83,6 @@ def test_resume_with_the_captured_step_is_exact(tmp_path, uncompiled, monkeypatc
     assert [r for r in lb if r[0] > 4] == [r for r in la if r[0] > 4]
 
 
-def _poison(monkeypatch, call: int):
-    """Makes the VAE's ``call``-th forward return an infinite loss."""
-    real, calls = VAE.forward, {"n": 0}
-
-    def forward(self, x, **kw):
-        out = real(self, x, **kw)
-        calls["n"] += 1
-        if calls["n"] == call:
-            out["loss"] = out["loss"] * float("inf")
-        return out
-
-    monkeypatch.setattr(VAE, "forward", forward)
-
-
 def test_a_bad_step_applies_no_update_and_stops_the_captured_run(tmp_path, uncompiled, monkeypatch):
     """The captured step has no host check before its update: fused AdamW's found_inf skips
     it, and every later one, until the host reads the window."""
@@ -110,7 +96,7 @@ def test_a_bad_step_applies_no_update_and_stops_the_captured_run(tmp_path, uncom
 
     monkeypatch.setattr(step_mod.CapturedStep, "__call__", call)
     monkeypatch.setattr(Trainer, "_check_due", lambda self, run: (run.step + 1) % 6 == 0)
-    _poison(monkeypatch, 11)
+    poison_forward(monkeypatch, 11, float("inf"))
     cfg = tiny(tmp_path, compile=True, log_every=6, eval_every=0)
     with pytest.raises(NonFiniteLossError, match=r"step 11 \(epoch 3, batch 3\).*Found at step 12.*no update "
                                                  r"from step 11 on"):
@@ -122,7 +108,7 @@ def test_a_bad_step_applies_no_update_and_stops_the_captured_run(tmp_path, uncom
 
 
 def test_a_bad_step_on_a_cpu_stops_before_its_update(tmp_path, uncompiled, monkeypatch):
-    _poison(monkeypatch, 3)
+    poison_forward(monkeypatch, 3, float("inf"))
     with pytest.raises(NonFiniteLossError, match=r"step 3 .*Training stopped before applying this step"):
         train(tiny(tmp_path, compile=True))
 
@@ -151,8 +137,6 @@ def test_compiled_step_matches_eager_and_resumes_exactly(tmp_path, monkeypatch):
 def test_cuda_graphs_off_cuda_and_unsupported_setups_are_clear_errors(tmp_path):
     with pytest.raises(ConfigError, match="--cuda-graphs needs a CUDA device"):
         train(tiny(tmp_path, cuda_graphs=True))
-    with pytest.raises(ConfigError, match="binarize 'dynamic'"):
-        tiny(tmp_path, compile=True, binarize="dynamic").validate()
 
 
 @needs_cuda

@@ -10,10 +10,13 @@ import numpy as np
 import pytest
 import torch
 
-from fused_vae.training.batches import TrainBatches, noise_seeds
+import fused_vae as fv
+from fused_vae.training.batches import TrainBatches, step_seeds
 from fused_vae.training.config import TrainConfig
 from fused_vae.training.data import (
     DataError,
+    bernoulli_thresholds,
+    binarize_with_seed,
     load_data,
     load_image_folder,
     load_mnist_images,
@@ -178,6 +181,25 @@ def test_load_data_checks_values(tmp_path):
     assert set(data.test.unique().tolist()) <= {0.0, 1.0}
 
 
+@pytest.mark.parametrize("name", ["reference", "cpu"])
+def test_seeded_binarization_is_bernoulli_of_the_pixel_values(name):
+    """x_bin = (eps < Phi^-1(x)) with eps the op's noise stream: P(x_bin = 1) = x, 0 and 1 stay
+    exact, a seed (int or tensor) fixes the draw, and every backend draws the same pixels."""
+    torch.manual_seed(7)
+    x = torch.rand(64, 1, 4, 8)
+    x[0, 0, 0, :2] = torch.tensor([0.0, 1.0])
+    thr = bernoulli_thresholds(x)
+    draws = torch.stack([binarize_with_seed(thr, torch.tensor(s), name) for s in range(400)])
+    assert draws.dtype == torch.float32 and set(draws.unique().tolist()) <= {0.0, 1.0}
+    assert (draws[:, 0, 0, 0, 0] == 0).all() and (draws[:, 0, 0, 0, 1] == 1).all()
+    z = (draws.double().mean(0) - x.double()) / (x.double() * (1 - x.double()) / 400).sqrt().clamp(min=1e-6)
+    assert z.abs().max() < 5.5 and abs(float(z.mean())) < 0.1 and 0.9 < float(z[x > 0.05].std()) < 1.1
+    eps = fv.standard_normal(x.shape, 3)
+    assert torch.equal(binarize_with_seed(thr, 3, name), (torch.special.ndtr(eps.double()) < x.double()).float())
+    assert torch.equal(binarize_with_seed(thr, torch.tensor(3), name), binarize_with_seed(thr, 3, "reference"))
+    assert not torch.equal(binarize_with_seed(thr, 3, name), binarize_with_seed(thr, 4, name))
+
+
 def test_split_is_seeded():
     x = torch.arange(10.0).reshape(10, 1, 1, 1)
     a, b = split(x, 0.3, 1)
@@ -196,13 +218,14 @@ def test_micro_batches_do_not_depend_on_how_they_are_spread_over_processes():
     four = [TrainBatches(n, bsz, world_size=4, rank=r, grad_accum=1, seed=3) for r in range(4)]
     assert single.steps_per_epoch == ranks[0].steps_per_epoch == four[0].steps_per_epoch == 103 // 12
     for epoch in (0, 1):
-        ref = {i: {mb.micro_id: (mb.indices.tolist(), int(mb.seed)) for mb in micros}
+        ref = {i: {mb.micro_id: (mb.indices.tolist(), int(mb.seed), int(mb.binarize_seed)) for mb in micros}
                for i, micros in single.epoch(epoch, seed=5)}
         for group in (ranks, four):
             got: dict = {}
             for b in group:
                 for i, micros in b.epoch(epoch, seed=5):
-                    got.setdefault(i, {}).update({mb.micro_id: (mb.indices.tolist(), int(mb.seed)) for mb in micros})
+                    got.setdefault(i, {}).update({mb.micro_id: (mb.indices.tolist(), int(mb.seed), int(mb.binarize_seed))
+                                                  for mb in micros})
             assert got == ref
     e0 = [m.indices.tolist() for _, ms in single.epoch(0) for m in ms]
     e1 = [m.indices.tolist() for _, ms in single.epoch(1) for m in ms]
@@ -210,11 +233,11 @@ def test_micro_batches_do_not_depend_on_how_they_are_spread_over_processes():
     resumed = [m.indices.tolist() for _, ms in single.epoch(0, start=3) for m in ms]
     assert resumed == e0[3 * 4:]
     # The seeds are those of the global step: epoch * steps_per_epoch + i, whatever the start.
-    step8 = [int(m.seed) for m in next(iter(single.epoch(1, start=0, seed=5)))[1]]
-    assert step8 == noise_seeds(5, torch.tensor(8), torch.arange(4)).tolist()
-    seeds = noise_seeds(0, torch.arange(50)[:, None], torch.arange(4)[None, :])
-    assert seeds.unique().numel() == 200 and (seeds >= 0).all()
-    assert not torch.equal(noise_seeds(1, torch.arange(50)[:, None], torch.arange(4)[None, :]), seeds)
+    step8 = [(int(m.seed), int(m.binarize_seed)) for m in next(iter(single.epoch(1, start=0, seed=5)))[1]]
+    assert step8 == list(zip(*(t.tolist() for t in step_seeds(5, torch.tensor(8), torch.arange(4)))))
+    seeds = torch.stack(step_seeds(0, torch.arange(50)[:, None], torch.arange(4)[None, :]))  # noise, binarization
+    assert seeds.shape == (2, 50, 4) and seeds.unique().numel() == 400 and (seeds >= 0).all()
+    assert not torch.equal(torch.stack(step_seeds(1, torch.arange(50)[:, None], torch.arange(4)[None, :])), seeds)
 
 
 def test_batch_schedule_errors():
@@ -224,12 +247,12 @@ def test_batch_schedule_errors():
         TrainBatches(5, 10)
 
 
-def test_epoch_seeds_are_the_noise_seeds_of_their_steps_across_seed_chunks(monkeypatch):
+def test_epoch_seeds_are_the_seeds_of_their_steps_across_seed_chunks(monkeypatch):
     from fused_vae.training import batches as batches_module
 
     monkeypatch.setattr(batches_module, "SEED_CHUNK_STEPS", 7)  # chunks end inside epochs
     b = TrainBatches(40, 8, grad_accum=2)  # 5 steps per epoch, micro-batches 0 and 1
     for epoch, start in [(0, 0), (1, 2), (2, 0), (1, 0), (6, 4)]:
-        got = [[int(m.seed) for m in ms] for _, ms in b.epoch(epoch, start, seed=11)]
+        got = [[[int(m.seed), int(m.binarize_seed)] for m in ms] for _, ms in b.epoch(epoch, start, seed=11)]
         steps = torch.arange(epoch * 5 + start, epoch * 5 + 5)
-        assert got == noise_seeds(11, steps[:, None], torch.arange(2)[None, :]).tolist()
+        assert got == torch.stack(step_seeds(11, steps[:, None], torch.arange(2)[None, :]), -1).tolist()

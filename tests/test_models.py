@@ -101,6 +101,20 @@ def test_bernoulli_nll_is_bce_with_logits():
     torch.testing.assert_close(BernoulliLikelihood().mean(logits), torch.sigmoid(logits))
 
 
+@pytest.mark.parametrize("lik", [BernoulliLikelihood(), GaussianLikelihood(sigma=0.7)], ids=["bernoulli", "gaussian"])
+@pytest.mark.parametrize("lead", [(3,), (2, 3)], ids=["B", "KxB"])
+def test_mean_nll_is_the_mean_of_the_per_example_nll(lik, lead):
+    params = torch.randn(*lead, 1, 4, 4, dtype=torch.float64, requires_grad=True)
+    x = torch.rand(3, 1, 4, 4, dtype=torch.float64)
+    got = lik.mean_nll(params.float(), x.float())
+    ref = lik.nll(params, x).double().mean()
+    assert got.shape == () and got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-5)
+    g_got, = torch.autograd.grad(got, params)
+    g_ref, = torch.autograd.grad(ref, params)
+    torch.testing.assert_close(g_got, g_ref, rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.parametrize("learn", [False, True])
 def test_gaussian_nll_fixed_and_learned_sigma(learn):
     lik = GaussianLikelihood(sigma=0.3, learn_sigma=learn)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import sys
 
 import pytest
 import torch
+from helpers import poison_forward
 
 from fused_vae.training import DataBundle, NonFiniteLossError, TrainConfig, evaluate, load_checkpoint, train
 from fused_vae.training.config import ConfigError, load_config_file
@@ -77,19 +79,7 @@ def test_iwae_nll_is_below_minus_elbo_on_a_trained_model(trained):
 
 
 def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
-    from fused_vae.models.base import VAE
-
-    real = VAE.forward
-    calls = {"n": 0}
-
-    def forward(self, x, **kw):
-        out = real(self, x, **kw)
-        calls["n"] += 1
-        if calls["n"] == 11:  # step 11: the 3rd step of epoch 3 (4 steps per epoch)
-            out["loss"] = out["loss"] * float("nan")
-        return out
-
-    monkeypatch.setattr(VAE, "forward", forward)
+    poison_forward(monkeypatch, 11, float("nan"))  # step 11: the 3rd step of epoch 3 (4 steps per epoch)
     cfg = tiny(tmp_path, max_train_examples=200)
     with pytest.raises(NonFiniteLossError, match=r"step 11 \(epoch 3, batch 3\).*checkpoints/last\.pt \(step 8\)"):
         train(cfg)
@@ -102,20 +92,9 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_checkpoint(tmp_p
 def test_a_coarse_finiteness_check_still_names_the_step_that_went_bad(tmp_path, monkeypatch):
     """On GPUs the NaN/Inf check runs at the logging interval (no host sync per step); the
     statistics stay on the device, so the error still names the first bad step."""
-    from fused_vae.models.base import VAE
     from fused_vae.training.trainer import Trainer
 
-    real = VAE.forward
-    calls = {"n": 0}
-
-    def forward(self, x, **kw):
-        out = real(self, x, **kw)
-        calls["n"] += 1
-        if calls["n"] == 11:
-            out["loss"] = out["loss"] * float("inf")
-        return out
-
-    monkeypatch.setattr(VAE, "forward", forward)
+    poison_forward(monkeypatch, 11, float("inf"))
     monkeypatch.setattr(Trainer, "_check_due", lambda self, run: (run.step + 1) % 6 == 0)
     cfg = tiny(tmp_path, max_train_examples=200, log_every=6, eval_every=0)  # 4 steps per epoch
     with pytest.raises(NonFiniteLossError, match=r"step 11 \(epoch 3, batch 3\).*Found at step 12"):
@@ -272,7 +251,7 @@ def _adam_pair(weight_decay):
 
 @pytest.mark.parametrize("weight_decay", [0.0, 0.1])
 def test_direct_adam_gives_optimizer_step_bits_and_state(weight_decay):
-    from fused_vae.training.optim import DirectAdam, make_scheduler
+    from fused_vae.training.optim import DirectAdam, make_optimizer, make_scheduler
 
     a, b, opt_a, opt_b = _adam_pair(weight_decay)
     sched_a = make_scheduler(opt_a, total_steps=6, warmup_steps=2, schedule="cosine", min_ratio=0.1)
@@ -294,8 +273,27 @@ def test_direct_adam_gives_optimizer_step_bits_and_state(weight_decay):
     for i in range(len(a)):
         for k in ("step", "exp_avg", "exp_avg_sq"):
             assert torch.equal(sa["state"][i][k], sb["state"][i][k])
+    assert len({id(st["step"]) for st in sa["state"].values()}) == len(a)  # the shared counter stays inside
     assert sched_a.state_dict().keys() == sched_b.state_dict().keys()
     assert sched_a.state_dict()["last_epoch"] == sched_b.state_dict()["last_epoch"] == 6
+    # A resumed optimizer (state loaded into it) goes on with the same bits.
+    c = [p.detach().clone().requires_grad_() for p in a]
+    opt_c, _ = make_optimizer(c, lr=1e-2, weight_decay=weight_decay, eps=1e-4)
+    opt_c.load_state_dict(copy.deepcopy(sa))
+    opt_a.load_state_dict(copy.deepcopy(sb))
+    direct_c = DirectAdam(opt_c, c)
+    for _ in range(3):
+        grads = [torch.randn_like(p) for p in a]
+        for pa, pb, pc, g in zip(a, b, c, grads):
+            pa.grad, pb.grad, pc.grad = g.clone(), g.clone(), g.clone()
+        direct.step()
+        direct_c.step()
+        opt_b.step()
+        for pa, pb, pc in zip(a, b, c):
+            assert torch.equal(pa, pb) and torch.equal(pc, pb)
+    for opt in (opt_a, opt_c):
+        assert all(torch.equal(x["step"], y["step"]) for x, y in zip(opt.state_dict()["state"].values(),
+                                                                     opt_b.state_dict()["state"].values()))
 
 
 def test_direct_adam_falls_back_to_optimizer_step_for_a_missing_gradient():
@@ -314,9 +312,13 @@ def test_direct_adam_falls_back_to_optimizer_step_for_a_missing_gradient():
     assert torch.equal(opt_a.state[a[1]]["step"], opt_b.state[b[1]]["step"])
 
 
-@pytest.mark.parametrize("max_norm", [0.0, 0.5, 1e6])
-def test_grad_norm_matches_clip_grad_norm(max_norm):
-    from fused_vae.training.step import grad_norm
+@pytest.mark.parametrize("max_norm", [0.5, 1e6])
+def test_grad_norm_and_clip_divisor_match_clip_grad_norm(max_norm):
+    """The norm is clip_grad_norm_'s (same bits); dividing by clip_divisor clips as it does (to
+    rounding: a division by 1/c where it multiplies by c), and DirectAdam's fused kernel
+    applies the divisor with the same bits as dividing first and calling optimizer.step()."""
+    from fused_vae.training.optim import DirectAdam, make_optimizer
+    from fused_vae.training.step import clip_divisor, grad_norm
 
     torch.manual_seed(1)
     a = [torch.randn(s, requires_grad=True) for s in [(4, 3), (3,), (6,)]]
@@ -325,12 +327,30 @@ def test_grad_norm_matches_clip_grad_norm(max_norm):
         pa.grad = torch.randn_like(pa)
         pb.grad = pa.grad.clone()
     ref = torch.cat([p.grad.double().flatten() for p in b]).norm()
-    got = grad_norm(a, max_norm)
-    want = (torch.nn.utils.clip_grad_norm_(b, max_norm, foreach=True) if max_norm > 0
-            else torch.nn.utils.get_total_norm([p.grad for p in b], foreach=True))
-    assert torch.equal(got, want)
+    got = grad_norm(a)
+    assert torch.equal(got, torch.nn.utils.get_total_norm([p.grad for p in b], foreach=True))
+    assert torch.equal(got, torch.nn.utils.clip_grad_norm_(b, max_norm, foreach=True))
     assert got.item() == pytest.approx(ref.item(), rel=1e-6)
-    for pa, pb in zip(a, b):
-        assert torch.equal(pa.grad, pb.grad)
+    divisor = clip_divisor(got, max_norm)
+    assert divisor.dtype == torch.float32 and divisor.item() == pytest.approx(max(1.0, ref.item() / max_norm), rel=1e-6)
+    clipped = [p.grad / divisor for p in a]
+    for g, pb in zip(clipped, b):
+        torch.testing.assert_close(g, pb.grad, rtol=1e-6, atol=0)
     if max_norm == 0.5:
-        assert torch.cat([p.grad.double().flatten() for p in a]).norm().item() == pytest.approx(0.5, rel=1e-5)
+        assert torch.cat([g.double().flatten() for g in clipped]).norm().item() == pytest.approx(0.5, rel=1e-5)
+    # In the fused kernel (after the initialising step) and in the fallback: the same bits.
+    c = [p.detach().clone().requires_grad_() for p in a]
+    opt_a, fused = make_optimizer(a, lr=1e-2, weight_decay=0.0)
+    opt_c, _ = make_optimizer(c, lr=1e-2, weight_decay=0.0)
+    if not fused:
+        pytest.skip("no fused Adam on this torch/device")
+    direct = DirectAdam(opt_a, a)
+    for _ in range(3):
+        grads = [torch.randn_like(p) * 3 for p in a]
+        for pa, pc, g in zip(a, c, grads):
+            pa.grad, pc.grad = g.clone(), g.clone()
+        divisor = clip_divisor(grad_norm(a), max_norm)
+        direct.step(divisor)
+        torch._foreach_div_([p.grad for p in c], divisor)
+        opt_c.step()
+        assert all(torch.equal(pa, pc) for pa, pc in zip(a, c))

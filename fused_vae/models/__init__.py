@@ -2,17 +2,17 @@
 
     from fused_vae.models import MLPVAE, DiagonalGaussian
     model = MLPVAE((1, 28, 28))                  # the IWAE paper's 200-200-50 tanh net
-    out = model(x, beta=1.0)                     # dict: loss, recon, kl, kl_penalty, elbo
+    out = model(x, beta=1.0)                     # dict: loss, recon, kl, kl_penalty, elbo, bound
     out["loss"].backward()
 """
 
 from __future__ import annotations
 
-from .base import ACTIVATIONS, OBJECTIVES, VAE, check_train_samples
+from .base import ACTIVATIONS, LOSS_STATS, OBJECTIVES, VAE, check_train_samples
 from .conv import ConvVAE
 from .distributions import DiagonalGaussian, standard_normal_log_prob
 from .likelihoods import LIKELIHOODS, BernoulliLikelihood, GaussianLikelihood, Likelihood, build_likelihood
-from .losses import free_bits_kl, kl_warmup_beta, vae_loss
+from .losses import free_bits_kl, kl_penalty, kl_warmup_beta, vae_loss, weighted_loss
 from .mlp import MLPVAE
 from .seeds import derive_seed
 
@@ -39,6 +39,7 @@ def build_model(spec: dict, *, backend: str | None = None) -> VAE:
 __all__ = [
     "ACTIVATIONS",
     "LIKELIHOODS",
+    "LOSS_STATS",
     "MODELS",
     "OBJECTIVES",
     "VAE",
@@ -53,7 +54,9 @@ __all__ = [
     "check_train_samples",
     "derive_seed",
     "free_bits_kl",
+    "kl_penalty",
     "kl_warmup_beta",
     "standard_normal_log_prob",
     "vae_loss",
+    "weighted_loss",
 ]

@@ -8,9 +8,9 @@ import torch
 from torch import nn
 
 from .. import api
-from .distributions import DiagonalGaussian, standard_normal_log_prob
+from .distributions import DiagonalGaussian
 from .likelihoods import Likelihood
-from .losses import vae_loss
+from .losses import kl_penalty, weighted_loss
 from .seeds import derive_seed
 
 ACTIVATIONS = {
@@ -35,6 +35,9 @@ def make_activation(name: str) -> nn.Module:
 
 
 OBJECTIVES = ("elbo", "iwae")
+# What ``VAE.forward(..., return_stats=True)`` returns per batch, in order (batch means; ``bound``:
+# the bound being trained, the ELBO or L_K; ``elbo``: the K-sample mean ELBO).
+LOSS_STATS = ("loss", "recon", "kl", "elbo", "bound")
 
 
 def check_train_samples(objective: str, num_samples: int, beta: float = 1.0, free_bits: float = 0.0) -> int:
@@ -130,7 +133,7 @@ class VAE(nn.Module):
 
     # -- objectives ----------------------------------------------------------------------
     def forward(self, x: torch.Tensor, *, beta: float = 1.0, free_bits: float = 0.0, seed=None,
-                objective: str = "elbo", num_samples: int = 1) -> dict:
+                objective: str = "elbo", num_samples: int = 1, return_stats: bool = False):
         """The training objective on a batch ``x`` (``[B, *input_shape]``).
 
         One fused op call draws all ``num_samples`` (K) samples of z and computes the KL.
@@ -138,35 +141,59 @@ class VAE(nn.Module):
         ``objective="iwae"`` is the importance-weighted bound L_K of Burda et al. (2015),
         ``logsumexp_k(log p(x, z_k) - log q(z_k | x)) - log K``; with K = 1 it is the ELBO and
         uses the same (analytic-KL) estimator. ``seed=None`` draws the noise from torch's
-        default generator; an int fixes it.
+        default generator; an int (or a 0-d int64 tensor on x's device) fixes it.
 
         Returns the dict of :func:`~fused_vae.models.losses.vae_loss` (float32 scalars;
         ``loss`` is minimised) plus ``bound``: the batch mean of the bound being trained.
+        With ``return_stats=True`` (what a training step needs): ``(loss, stats)``, the
+        differentiable loss and a detached float32 ``[5]`` tensor of the batch's
+        :data:`LOSS_STATS` (the dict's values, computed without autograd).
 
         Raises:
             ValueError: unknown objective, num_samples < 1, or beta != 1 / free_bits with ``iwae``.
         """
         k = check_train_samples(objective, num_samples, beta, free_bits)
+        loss, recon, kl, kl_pen, bound = self._objective_terms(x, beta, free_bits, seed, objective, k)
+        if return_stats:
+            with torch.no_grad():
+                elbo = -(recon + kl)
+                return loss, torch.stack([loss, recon, kl, elbo, elbo if bound is None else bound])
+        elbo = -(recon + kl)
+        return {"loss": loss, "recon": recon, "kl": kl, "kl_penalty": kl_pen, "elbo": elbo,
+                "bound": elbo if bound is None else bound}
+
+    def _objective_terms(self, x: torch.Tensor, beta, free_bits: float, seed, objective: str, k: int):
+        """``(loss, recon, kl, kl_penalty, bound)`` of :meth:`forward` as differentiable float32
+        scalars (batch means); ``bound`` is None where it is the ELBO ``-(recon + kl)``."""
         q = self.encode(x)
         if objective == "elbo" or k == 1:
             z, kl = q.sample_with_kl(seed=seed, num_samples=k if k > 1 else None,
-                                     reduction="none" if free_bits > 0 else "per_sample")
-            recon = self.likelihood.nll(self.decode(z), x)
-            out = vae_loss(recon.mean(0) if k > 1 else recon, kl, beta=beta, free_bits=free_bits)
-            out["bound"] = out["elbo"]
-            return out
-        z, kl = q.sample_with_kl(seed=seed, num_samples=k, reduction="per_sample")  # z: [K, B, L]
+                                     reduction="none" if free_bits > 0 else "batchmean")
+            recon = self.likelihood.mean_nll(self.decode(z), x)  # over the K samples and the batch
+            kl_mean, kl_pen = kl_penalty(kl, free_bits)
+            return weighted_loss(recon, kl_pen, beta), recon, kl_mean, kl_pen, None
+        z, kl = q.sample_with_kl(seed=seed, num_samples=k, reduction="batchmean")  # z: [K, B, L]; kl for the stats
         log_px_z, log_w = self._log_weights(q, z, x)
-        bound = torch.logsumexp(log_w, dim=0) - math.log(k)
-        recon, kl_mean = -log_px_z.mean(), kl.float().mean()
-        return {"loss": -bound.mean(), "recon": recon, "kl": kl_mean, "kl_penalty": kl_mean,
-                "elbo": -(recon + kl_mean), "bound": bound.mean()}
+        bound = torch.logsumexp(log_w, dim=0).mean() - math.log(k)
+        return -bound, -log_px_z.mean(), kl, kl, bound
 
     def _log_weights(self, q: DiagonalGaussian, z: torch.Tensor, x: torch.Tensor):
-        """``(log p(x | z), log p(x, z) - log q(z | x))`` for samples ``z`` (``[K, B, L]``) of
-        ``q``: two ``[K, B]`` float32 tensors, differentiable through ``z`` and ``q``."""
+        """``(log p(x | z), log p(x, z) - log q(z | x))`` for samples ``z`` (``[K, B, L]``) that
+        the fused op drew from ``q``: two ``[K, B]`` float32 tensors, differentiable through
+        ``z`` and ``q``.
+
+        With ``eps = (z - mu) / std``, the noise that drew ``z``, ``log p(z) - log q(z | x)`` is
+        ``-0.5 * sum(z^2 - eps^2 - logvar)`` (the 2 pi terms cancel). ``eps`` enters as a
+        constant: for a reparameterized sample it does not depend on mu and logvar (their
+        paths through ``z`` and through ``(z - mu) / std`` cancel), so the gradient is the
+        full one, with fewer operations.
+        """
         log_px_z = -self.likelihood.nll(self.decode(z), x)
-        return log_px_z, log_px_z + standard_normal_log_prob(z, 1) - q.log_prob(z)
+        logvar = q._logvar().float()
+        with torch.no_grad():
+            eps_sq = ((z.float() - q.mu.float()) * torch.exp(-0.5 * logvar)).square().sum(-1)
+        log_ratio = -0.5 * (z.float().square().sum(-1) - eps_sq - logvar.sum(-1))
+        return log_px_z, log_px_z + log_ratio
 
     def elbo(self, x: torch.Tensor, *, seed=None) -> dict:
         """Single-sample ELBO per example: dict of ``elbo``, ``recon``, ``kl``, each ``[B]`` float32."""

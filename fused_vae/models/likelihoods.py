@@ -25,6 +25,11 @@ class Likelihood(nn.Module):
         """``-log p(x | params)`` summed over ``x``'s event dims: ``[*S, B]``, float32."""
         raise NotImplementedError
 
+    def mean_nll(self, params: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """:meth:`nll` averaged over the leading dims ``[*S, B]``: a float32 scalar (what an
+        ELBO loss needs; subclasses compute it without the per-example tensor)."""
+        return self.nll(params, x).mean()
+
     def mean(self, params: torch.Tensor) -> torch.Tensor:
         """E[x | params], the image to show; same shape as ``params``."""
         raise NotImplementedError
@@ -47,6 +52,12 @@ class BernoulliLikelihood(Likelihood):
         logits = params.float().flatten(start_dim=params.dim() - event_dims)  # [*S, B, D]
         target = x.float().flatten(start_dim=1).expand_as(logits)  # a view: no copy per sample
         return F.binary_cross_entropy_with_logits(logits, target, reduction="none").sum(-1)
+
+    def mean_nll(self, params: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        logits = params.float()
+        target = x.float().expand_as(logits)
+        rows = math.prod(logits.shape[:logits.dim() - x.dim() + 1])  # K * B
+        return F.binary_cross_entropy_with_logits(logits, target, reduction="sum") / rows
 
     def mean(self, params: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(params.float())

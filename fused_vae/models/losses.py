@@ -26,6 +26,30 @@ def free_bits_kl(kl_elements: torch.Tensor, free_bits: float) -> torch.Tensor:
     return per_dim.sum()
 
 
+def kl_penalty(kl: torch.Tensor, free_bits: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(kl_mean, kl_penalty)`` of a batch's KL: ``kl`` is the batch-mean KL (a scalar), per
+    example (``[B]``) or per element (``[B, ...]``, needed for free bits). ``kl_mean`` is the
+    batch-mean true KL and ``kl_penalty`` what the loss weights by beta (:func:`free_bits_kl`
+    with ``free_bits > 0``, else ``kl_mean``); float32 scalars.
+
+    Raises:
+        ValueError: free_bits > 0 with a KL that is not per element.
+    """
+    kl = kl.float()
+    kl_mean = kl if kl.dim() == 0 else (kl.flatten(1).sum(1) if kl.dim() > 1 else kl).mean()
+    if free_bits <= 0:
+        return kl_mean, kl_mean
+    if kl.dim() < 2:
+        raise ValueError(f"free bits need the per-element KL ([B, latent...]), got a tensor of shape {list(kl.shape)}")
+    return kl_mean, free_bits_kl(kl, free_bits)
+
+
+def weighted_loss(recon: torch.Tensor, kl_penalty: torch.Tensor, beta) -> torch.Tensor:
+    """``recon + beta * kl_penalty``: a float or a 0-d float32 tensor ``beta`` (a captured step's
+    warm-up); no extra autograd node for a float ``beta = 1``."""
+    return recon + (beta * kl_penalty if isinstance(beta, torch.Tensor) or beta != 1.0 else kl_penalty)
+
+
 def vae_loss(recon_nll: torch.Tensor, kl: torch.Tensor, *, beta: float = 1.0, free_bits: float = 0.0) -> dict:
     """The training loss for one batch.
 
@@ -45,14 +69,6 @@ def vae_loss(recon_nll: torch.Tensor, kl: torch.Tensor, *, beta: float = 1.0, fr
         ValueError: free_bits > 0 with a per-example ``[B]`` KL.
     """
     recon = recon_nll.float().mean()
-    kl_ps = kl.float().flatten(1).sum(1) if kl.dim() > 1 else kl.float()
-    kl_mean = kl_ps.mean()
-    if free_bits > 0:
-        if kl.dim() < 2:
-            raise ValueError("free bits need the per-element KL ([B, latent...]), got a per-example [B] tensor")
-        kl_pen = free_bits_kl(kl, free_bits)
-    else:
-        kl_pen = kl_mean
-    # No extra autograd node for beta = 1; a tensor beta (a captured step's warm-up) always multiplies.
-    loss = recon + (beta * kl_pen if isinstance(beta, torch.Tensor) or beta != 1.0 else kl_pen)
+    kl_mean, kl_pen = kl_penalty(kl, free_bits)
+    loss = weighted_loss(recon, kl_pen, beta)
     return {"loss": loss, "recon": recon, "kl": kl_mean, "kl_penalty": kl_pen, "elbo": -(recon + kl_mean)}

@@ -9,8 +9,8 @@ accumulation index ``a``) holds the global batch's positions ``m, m + M, m + 2M,
 exactly what ``DistributedSampler`` hands process ``rank`` when ``a`` runs over its local
 batch with stride ``grad_accum``. Every random number of micro-batch ``m`` at step ``t`` (the
 fused op's noise, dynamic binarization) comes from seeds derived from ``(seed, t, m)``; the
-noise seeds are computed on the training device (:func:`noise_seeds`), a whole epoch at a time
-for the eager step and from a step counter inside a captured step.
+seeds are computed on the training device (:func:`step_seeds`), a whole epoch at a time for
+the eager step and from a step counter inside a captured step.
 So a run depends on the global batch size and on M, never on how the M micro-batches
 are spread over processes: 2 processes x 1 micro-batch equals 1 process x 2 micro-batches.
 """
@@ -36,11 +36,13 @@ SEED_CHUNK_STEPS = 1024
 @dataclass(frozen=True)
 class MicroBatch:
     """Dataset indices (``[b]`` int64) of one micro-batch, its global micro-batch id and the
-    seed of its noise (0-d int64 on the training device, :func:`noise_seeds`)."""
+    seeds (0-d int64 on the training device, :func:`step_seeds`) of its noise and of its
+    dynamic binarization."""
 
     indices: torch.Tensor
     micro_id: int
     seed: torch.Tensor | None = None
+    binarize_seed: torch.Tensor | None = None
 
 
 class TrainBatches:
@@ -85,39 +87,39 @@ class TrainBatches:
     def epoch(self, epoch: int, start: int = 0, *, seed: int | None = None, device=None):
         """Yields ``(i, [MicroBatch, ...])`` for steps ``i = start .. steps_per_epoch - 1`` of ``epoch``.
 
-        With ``seed``, each micro-batch carries its noise seed (:func:`noise_seeds` of the
-        global step ``epoch * steps_per_epoch + i``), computed on ``device`` for
+        With ``seed``, each micro-batch carries its seeds (:func:`step_seeds` of the global
+        step ``epoch * steps_per_epoch + i``), computed on ``device`` for
         :data:`SEED_CHUNK_STEPS` steps (at least the epoch) at a time.
         """
         order = self.order(epoch)
-        seeds, first = [None] * (self.steps_per_epoch * self.grad_accum), 0
+        seeds, first = [(None, None)] * (self.steps_per_epoch * self.grad_accum), 0
         if seed is not None:
             seeds, first = self._step_seeds(seed, device, epoch * self.steps_per_epoch, self.steps_per_epoch)
         for i in range(start, self.steps_per_epoch):
             at = first + i * self.grad_accum
-            yield i, [MicroBatch(order[i, a], m, seeds[at + a]) for a, m in enumerate(self.micro_ids)]
+            yield i, [MicroBatch(order[i, a], m, *seeds[at + a]) for a, m in enumerate(self.micro_ids)]
 
-    def _step_seeds(self, seed: int, device, first: int, n: int) -> tuple[list[torch.Tensor], int]:
-        """``(seeds, offset)``: ``seeds[offset + i * grad_accum + a]`` is the :func:`noise_seeds`
-        seed of micro-batch ``micro_ids[a]`` at step ``first + i`` (``i < n``); computed
-        ``max(n, SEED_CHUNK_STEPS)`` steps at a time and kept."""
+    def _step_seeds(self, seed: int, device, first: int, n: int) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], int]:
+        """``(seeds, offset)``: ``seeds[offset + i * grad_accum + a]`` is the (noise, binarization)
+        pair of :func:`step_seeds` of micro-batch ``micro_ids[a]`` at step ``first + i``
+        (``i < n``); computed ``max(n, SEED_CHUNK_STEPS)`` steps at a time and kept."""
         key = (seed, str(device))
         c = self._seeds
         if c is None or c[0] != key or not (c[1] <= first and first + n <= c[1] + c[2]):
             count = max(n, SEED_CHUNK_STEPS)
             steps = torch.arange(count, dtype=torch.int64, device=device) + first
             ids = torch.tensor(self.micro_ids, dtype=torch.int64, device=device)
-            c = self._seeds = (key, first, count, list(noise_seeds(seed, steps[:, None], ids[None, :]).view(-1).unbind()))
+            noise, binar = (t.view(-1).unbind() for t in step_seeds(seed, steps[:, None], ids[None, :]))
+            c = self._seeds = (key, first, count, list(zip(noise, binar)))
         return c[3], (first - c[1]) * self.grad_accum
 
 
-def noise_seeds(seed: int, steps: torch.Tensor, micro_ids: torch.Tensor) -> torch.Tensor:
-    """Seeds of the fused op's noise for micro-batches ``micro_ids`` at (0-based) steps ``steps``
-    (int64 tensors that broadcast; steps below 2**32): :func:`~fused_vae.models.seeds.counter_seeds`
-    keyed by ``derive_seed(seed, NOISE_TAG)``, computed on the tensors' device."""
-    return counter_seeds(derive_seed(seed, NOISE_TAG), steps, micro_ids)
+def step_seeds(seed: int, steps: torch.Tensor, micro_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The seeds of micro-batches ``micro_ids`` at (0-based) steps ``steps`` (int64 tensors that
+    broadcast; steps below 2**32), on the tensors' device: ``(noise, binarization)``, int64
+    tensors of the broadcast shape. The fused op's noise seeds are
+    :func:`~fused_vae.models.seeds.counter_seeds` keyed by ``derive_seed(seed, NOISE_TAG)``, the
+    dynamic binarization's keyed by ``derive_seed(seed, BINARIZE_TAG)``."""
+    noise_key, binarize_key = derive_seed(seed, NOISE_TAG), derive_seed(seed, BINARIZE_TAG)
+    return counter_seeds(noise_key, steps, micro_ids), counter_seeds(binarize_key, steps, micro_ids)
 
-
-def binarize_generator(seed: int, step: int, micro_id: int, device) -> torch.Generator:
-    """Generator for the dynamic binarization of micro-batch ``micro_id`` at step ``step``."""
-    return torch.Generator(device=device).manual_seed(derive_seed(seed, BINARIZE_TAG, step, micro_id))

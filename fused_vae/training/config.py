@@ -115,7 +115,7 @@ class TrainConfig:
     device: str = _f("auto", "auto (cuda when available), cpu, cuda, cuda:N", group="optimisation", type=str)
     seed: int = _f(0, "seed of initialization, data order and the fused op's noise", group="optimisation", type=int)
     compile: bool = _f(False, "run each optimizer step (forward, backward, clipping, fused Adam/AdamW update, "
-                       "statistics) as one torch.compile'd function; single process, a fused optimizer, --binarize none or static. "
+                       "statistics) as one torch.compile'd function; single process and a fused optimizer. "
                        "The first steps compile it (tens of seconds on a CPU)", group="optimisation")
     cuda_graphs: bool = _f(False, "capture each optimizer step once as a CUDA graph and replay it (CUDA devices "
                            "only; with --compile, the compiled step is captured); same limits as --compile",
@@ -272,9 +272,6 @@ class TrainConfig:
         need(self.log_every >= 1, f"log_every must be >= 1, got {self.log_every}")
         need(self.checkpoint_every is None or self.checkpoint_every >= 1,
              f"checkpoint_every must be >= 1, got {self.checkpoint_every}")
-        need(not (self.compile or self.cuda_graphs) or self.binarize != "dynamic",
-             "compile and cuda_graphs do not support binarize 'dynamic' (its generator is seeded on the host each "
-             "step); use none or static")
         need(self.threads is None or self.threads >= 1, f"threads must be >= 1, got {self.threads}")
         need(self.image_size is None or self.image_size >= 1, f"image_size must be >= 1, got {self.image_size}")
         for k in ("max_train_examples", "max_test_examples"):

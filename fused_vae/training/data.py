@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .. import api
+
 
 class DataError(ValueError):
     """Missing, corrupt or unsuitable data; the message names the path and the expected format."""
@@ -234,6 +236,24 @@ def binarize(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Binary pixels ``x_bin ~ Bernoulli(x)`` (x in [0, 1]) drawn with ``generator``; same shape, float."""
     u = torch.rand(x.shape, generator=generator, device=x.device, dtype=torch.float32)
     return (u < x).to(x.dtype)
+
+
+def bernoulli_thresholds(x: torch.Tensor) -> torch.Tensor:
+    """``Phi^-1(x)`` for pixel values ``x`` in [0, 1] (``Phi``: the standard normal CDF), float32
+    of x's shape, -inf at 0 and +inf at 1: a standard normal draw falls below it with
+    probability ``x``, so :func:`binarize_with_seed` of these thresholds is ``Bernoulli(x)``."""
+    return torch.special.ndtri(x.float())
+
+
+def binarize_with_seed(thresholds: torch.Tensor, seed, backend: str | None = None) -> torch.Tensor:
+    """Binary pixels ``x_bin ~ Bernoulli(x)`` from :func:`bernoulli_thresholds` of ``x`` and the
+    fused ops' noise stream of ``seed`` (a 0-d int64 tensor on their device, or an int): 1.0
+    where ``eps < threshold``, ``eps`` the stream's standard normals over the thresholds' shape
+    (``fused_vae.standard_normal``). One fused-op call and no host work, so a captured step
+    binarizes anew each step. float32 of the thresholds' shape; ``backend`` picks the op's."""
+    zeros = thresholds.new_zeros(()).expand(thresholds.shape)
+    eps = api.reparameterize(zeros, zeros, seed=seed, backend=backend)  # exactly 0 + exp(0) * eps
+    return (eps < thresholds).float()
 
 
 def load_data(cfg) -> DataBundle:

@@ -113,11 +113,18 @@ class DirectAdam:
     profiler ranges, grouping by device): the same kernel with the same arguments, so the
     same bits and the same state (``optimizer.state_dict()`` is unchanged in form).
 
+    The parameters share one step counter (their steps are equal when the lists are
+    gathered), advanced once per update instead of once per parameter; the parameters' own
+    ``step`` tensors are brought up to date before ``optimizer.state_dict()`` and before any
+    ``optimizer.step()`` this class makes. While it drives an optimizer, step that optimizer
+    only through it.
+
     It falls back to ``optimizer.step()`` whenever the fast path does not apply: an
     optimizer that is not fused, several param groups, amsgrad/maximize/capturable/
     differentiable, step hooks, a grad scaler or ``found_inf``, parameters on several
-    devices or dtypes, a parameter without a gradient, or state not yet made (the first
-    step, which ``optimizer.step()`` initialises; the lists are gathered after it).
+    devices or dtypes, a parameter without a gradient, parameters at different steps, or
+    state not yet made (the first step, which ``optimizer.step()`` initialises; the lists are
+    gathered after it, and again after ``optimizer.load_state_dict``).
 
     Args:
         optimizer: a ``torch.optim.Adam``/``AdamW``; params: its parameters, in order.
@@ -126,6 +133,8 @@ class DirectAdam:
     def __init__(self, optimizer: torch.optim.Optimizer, params: list[torch.Tensor]):
         self.optimizer, self.params = optimizer, list(params)
         self._lists = None
+        optimizer.register_state_dict_pre_hook(lambda opt: self._sync_steps())
+        optimizer.register_load_state_dict_post_hook(lambda opt: self._forget())
 
     def _gather(self):
         opt = self.optimizer
@@ -142,27 +151,47 @@ class DirectAdam:
         states = [opt.state.get(p, {}) for p in self.params]
         if not all("exp_avg" in s for s in states):
             return None
+        steps = [s["step"] for s in states]
+        if not all(torch.equal(s, steps[0]) for s in steps[1:]):
+            return None
         decoupled = g.get("decoupled_weight_decay", isinstance(opt, torch.optim.AdamW))
         kernel = getattr(torch, "_fused_adamw_" if decoupled else "_fused_adam_", None)
         if kernel is None:  # a torch without these (private) kernels: optimizer.step() always
             return None
-        return (kernel, g, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
-                [s["step"] for s in states])
+        counter = steps[0].clone()
+        return (kernel, g, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states], steps, counter,
+                [counter] * len(steps))
 
-    def step(self) -> None:
-        """One update with the parameters' current ``.grad``."""
+    def _sync_steps(self) -> None:
+        """Writes the shared step counter into every parameter's ``step`` tensor."""
+        if self._lists is not None:
+            with torch.no_grad():
+                for s in self._lists[4]:
+                    s.copy_(self._lists[5])
+
+    def _forget(self) -> None:
+        self._lists = None
+
+    def step(self, grad_scale: torch.Tensor | None = None) -> None:
+        """One update with the parameters' current ``.grad``, divided by ``grad_scale`` (a 0-d
+        float32 tensor on their device, e.g. a clipping divisor) when given: inside the fused
+        kernel, else in place before ``optimizer.step()`` (the same division, the same bits)."""
         from torch.optim import optimizer as _optimizer
 
         grads = [p.grad for p in self.params]
         if (self._lists is None or any(g is None for g in grads) or _optimizer._global_optimizer_pre_hooks
                 or _optimizer._global_optimizer_post_hooks):
+            self._sync_steps()
+            if grad_scale is not None:
+                with torch.no_grad():
+                    torch._foreach_div_([g for g in grads if g is not None], grad_scale)
             self.optimizer.step()
             self._lists = self._gather()
             return
-        kernel, g, exp_avgs, exp_avg_sqs, steps = self._lists
+        kernel, g, exp_avgs, exp_avg_sqs, _, counter, shared_steps = self._lists
         beta1, beta2 = g["betas"]
         with torch.no_grad():
-            torch._foreach_add_(steps, 1)
-            kernel(self.params, grads, exp_avgs, exp_avg_sqs, [], steps, amsgrad=False, lr=g["lr"], beta1=beta1,
-                   beta2=beta2, weight_decay=g["weight_decay"], eps=g["eps"], maximize=False, grad_scale=None,
-                   found_inf=None)
+            counter.add_(1)
+            kernel(self.params, grads, exp_avgs, exp_avg_sqs, [], shared_steps, amsgrad=False, lr=g["lr"],
+                   beta1=beta1, beta2=beta2, weight_decay=g["weight_decay"], eps=g["eps"], maximize=False,
+                   grad_scale=grad_scale, found_inf=None)

@@ -7,11 +7,12 @@ import math
 
 import torch
 
-# Per-step statistics, in row order. The first five are batch means of the model's outputs
-# (``bound``: the bound being trained, the ELBO or L_K; ``elbo``: the K-sample mean ELBO);
-# ``grad_norm`` is the global gradient norm before clipping.
-STAT_NAMES = ("loss", "recon", "kl", "elbo", "bound", "grad_norm")
-BATCH_STATS = STAT_NAMES[:5]
+from ..models.base import LOSS_STATS
+
+# Per-step statistics, in row order: the batch means of ``VAE.forward(..., return_stats=True)``
+# (:data:`~fused_vae.models.base.LOSS_STATS`) and the global gradient norm before clipping.
+BATCH_STATS = LOSS_STATS
+STAT_NAMES = (*BATCH_STATS, "grad_norm")
 
 
 class StatsWindow:

@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import torch
 
-from .batches import noise_seeds
-from .stats import BATCH_STATS, StatsWindow
+from .batches import step_seeds
+from .data import binarize_with_seed
+from .stats import StatsWindow
 
 
 def forward_backward(module, x: torch.Tensor, *, cfg, beta, seed: torch.Tensor, n_micro: int,
@@ -20,29 +21,29 @@ def forward_backward(module, x: torch.Tensor, *, cfg, beta, seed: torch.Tensor, 
     ``[5]`` float32 tensor.
     """
     with autocast():
-        out = module(x, beta=beta, free_bits=cfg.free_bits, objective=cfg.objective,
-                     num_samples=cfg.train_samples, seed=seed)
-    (out["loss"] if n_micro == 1 else out["loss"] / n_micro).backward()
-    with torch.no_grad():
-        return torch.stack([out[k] for k in BATCH_STATS])
+        loss, stats = module(x, beta=beta, free_bits=cfg.free_bits, objective=cfg.objective,
+                             num_samples=cfg.train_samples, seed=seed, return_stats=True)
+    (loss if n_micro == 1 else loss / n_micro).backward()
+    return stats
 
 
-def grad_norm(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
-    """The global (2-)norm of the gradients of ``params`` (0-d tensor), clipping the gradients
-    to ``max_norm`` afterwards if ``max_norm > 0``; no host synchronisation.
-
-    The same ops as ``torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)`` (same
-    bits), called directly when all gradients share a device and dtype (the usual case), which
-    skips that function's grouping and wrappers; otherwise that function itself."""
+def grad_norm(params: list[torch.Tensor]) -> torch.Tensor:
+    """The global (2-)norm of the gradients of ``params`` (0-d tensor), with no host
+    synchronisation: the same ops as ``torch.nn.utils.get_total_norm(grads, foreach=True)``
+    (same bits), called directly when all gradients share a device and dtype (the usual
+    case), which skips that function's grouping and wrappers."""
     grads = [p.grad for p in params if p.grad is not None]
     if not grads or len({(g.device, g.dtype) for g in grads}) != 1:
-        if max_norm > 0:
-            return torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
         return torch.nn.utils.get_total_norm(grads, foreach=True)
-    total = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, 2.0)), 2.0)
-    if max_norm > 0:
-        torch._foreach_mul_(grads, torch.clamp(float(max_norm) / (total + 1e-6), max=1.0))
-    return total
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, 2.0)), 2.0)
+
+
+def clip_divisor(total_norm: torch.Tensor, max_norm: float) -> torch.Tensor:
+    """What the gradients are divided by to clip their global norm ``total_norm`` to
+    ``max_norm`` (> 0): ``max(1, (total_norm + 1e-6) / max_norm)``, 0-d float32, the reciprocal
+    of ``torch.nn.utils.clip_grad_norm_``'s factor. The fused Adam kernel applies it as its
+    ``grad_scale`` while it reads the gradients, so clipping adds no pass over them."""
+    return torch.clamp((total_norm.float() + 1e-6) / float(max_norm), min=1.0)
 
 
 class CapturedStep:
@@ -52,10 +53,11 @@ class CapturedStep:
     ``step_t`` (0-based, advanced by the step itself), the micro-batches' dataset indices
     ``idx`` (``[grad_accum, B / grad_accum]``, filled by :meth:`__call__`), the KL weight
     ``beta_t``, the learning rate (a tensor in the optimizer's param group, written by the
-    LR scheduler), the statistics rows of ``window`` and ``found_inf``. The noise seeds are
-    derived on the device from ``(seed, step_t, micro-batch)`` by
-    :func:`~fused_vae.training.batches.noise_seeds`, the same seeds as the eager step's, so
-    noise stays fresh when a CUDA graph is replayed. ``found_inf`` is sticky: once a step's
+    LR scheduler), the statistics rows of ``window``, ``found_inf`` and, with clipping, the
+    fused kernel's ``grad_scale`` (:func:`clip_divisor`). The seeds of the noise and of
+    dynamic binarization are derived on the device from ``(seed, step_t, micro-batch)`` by
+    :func:`~fused_vae.training.batches.step_seeds`, the same seeds as the eager step's, so
+    both stay fresh when a CUDA graph is replayed. ``found_inf`` is sticky: once a step's
     loss, statistics or gradient norm is NaN/Inf, fused AdamW applies no update from that
     step on, so the state stays the one before the bad step until the host reads the window.
 
@@ -102,6 +104,9 @@ class CapturedStep:
             g["lr"] = torch.tensor(float(g["lr"]), dtype=lr_dtype, device=device)
             g["capturable"] = mode == "cuda-graphs"
         optimizer.found_inf = self.found_inf
+        if cfg.grad_clip > 0:  # clipping as the fused kernel's grad_scale (clip_divisor)
+            self.grad_scale = torch.ones((), dtype=torch.float32, device=device)
+            optimizer.grad_scale = self.grad_scale
         self._fn = torch.compile(self._step) if mode == "compile" else self._step
         self._graph = None
 
@@ -110,15 +115,21 @@ class CapturedStep:
         if self._graph is None:  # a CUDA graph's backward writes the same gradient buffers each replay
             self.optimizer.zero_grad(set_to_none=True)
         n_micro = self.idx.shape[0]
-        seeds = noise_seeds(cfg.seed, self.step_t, self.micro_ids)
+        noise_seeds, binarize_seeds = step_seeds(cfg.seed, self.step_t, self.micro_ids)
         beta = self.beta_t if cfg.kl_warmup_steps > 0 else float(cfg.beta)
         sums = None
         for a in range(n_micro):
-            s = forward_backward(self.model, self.train_x[self.idx[a]], cfg=cfg, beta=beta, seed=seeds[a],
+            x = self.train_x[self.idx[a]]
+            if cfg.binarize == "dynamic":
+                x = binarize_with_seed(x, binarize_seeds[a], cfg.backend)
+            s = forward_backward(self.model, x, cfg=cfg, beta=beta, seed=noise_seeds[a],
                                  n_micro=n_micro, autocast=self.autocast).double()
             sums = s if sums is None else sums + s
-        values = torch.cat([sums, grad_norm(self.params, cfg.grad_clip).double().reshape(1)])
+        total = grad_norm(self.params)
+        values = torch.cat([sums, total.double().reshape(1)])
         with torch.no_grad():
+            if cfg.grad_clip > 0:
+                self.grad_scale.copy_(clip_divisor(total, cfg.grad_clip))
             self.found_inf.copy_(torch.maximum(self.found_inf, (~torch.isfinite(values).all()).float()))
             self.window.rows.index_copy_(0, (self.step_t % self.window.size).reshape(1), values.reshape(1, -1))
         self.optimizer.step()

@@ -15,17 +15,17 @@ import torch
 
 from .. import backend_for
 from ..models import build_model, kl_warmup_beta
-from .batches import TrainBatches, binarize_generator
+from .batches import TrainBatches
 from .checkpoint import CheckpointError, load_checkpoint, make_checkpoint, restore_rng_state, save_run_checkpoint
 from .config import CHECKPOINT_STEPS, ConfigError, TrainConfig
-from .data import DataBundle, binarize, load_data
+from .data import DataBundle, bernoulli_thresholds, binarize_with_seed, load_data
 from .distributed import DistContext, setup
 from .evaluation import evaluate
 from .metrics import check_tensorboard
 from .optim import DirectAdam, make_optimizer, make_scheduler, optimizer_name
 from .progress import progress_bar
 from .stats import StatsWindow
-from .step import CapturedStep, forward_backward, grad_norm
+from .step import CapturedStep, clip_divisor, forward_backward, grad_norm
 
 # Largest training set (bytes) copied to an accelerator up front; larger sets stay in host memory.
 _DEVICE_DATA_LIMIT = 2 << 30
@@ -223,7 +223,8 @@ class Trainer:
             torch.set_num_threads(cfg.threads)
         elif device.type == "cpu" and sum(p.numel() for p in model.parameters()) < SMALL_MODEL_PARAMS:
             torch.set_num_threads(1)
-        train_x = data.train
+        # Dynamic binarization needs only each pixel's Bernoulli threshold, not the pixel itself.
+        train_x = bernoulli_thresholds(data.train) if cfg.binarize == "dynamic" else data.train
         if device.type != "cpu" and train_x.numel() * 4 <= _DEVICE_DATA_LIMIT:
             train_x = train_x.to(device)
         try:
@@ -340,9 +341,11 @@ class Trainer:
         n_micro = len(micros)
         row = run.window.batch_row(t)
         for a, mb in enumerate(micros):
-            x = run.train_x[mb.indices.to(run.train_x.device)].to(device, non_blocking=True)
+            x = run.train_x.index_select(0, mb.indices.to(run.train_x.device))
+            if x.device != device:
+                x = x.to(device, non_blocking=True)
             if cfg.binarize == "dynamic":
-                x = binarize(x, binarize_generator(cfg.seed, run.step, mb.micro_id, device))
+                x = binarize_with_seed(x, mb.binarize_seed, cfg.backend)
             sync = run.ddp.no_sync() if (ctx.distributed and a < n_micro - 1) else contextlib.nullcontext()
             with sync:
                 stats = forward_backward(run.ddp, x, cfg=cfg, beta=beta, seed=mb.seed, n_micro=n_micro,
@@ -352,11 +355,12 @@ class Trainer:
             else:
                 row.add_(stats)
         ctx.all_reduce_sum(row)
-        run.window.norm_row(t).copy_(grad_norm(run.params, cfg.grad_clip))
+        total = grad_norm(run.params)
+        run.window.norm_row(t).copy_(total)
         run.window.advance(t)
         if self._check_due(run):
             self._check_finite(run)
-        run.update.step()
+        run.update.step(clip_divisor(total, cfg.grad_clip) if cfg.grad_clip > 0 else None)
 
     def _check_due(self, run: _Run) -> bool:
         """Whether this step checks for NaN/Inf before its update: every step on a CPU (no cost),
