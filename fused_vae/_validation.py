@@ -138,6 +138,8 @@ def seed_tensor(seed: object, device: torch.device) -> torch.Tensor:
     if isinstance(seed, torch.Tensor):
         if seed.dtype != torch.int64 or seed.numel() != 1:
             raise TypeError(f"seed tensor must hold one int64 element, got dtype {seed.dtype} with {seed.numel()} elements")
+        if seed.dim() == 0 and seed.device == device:
+            return seed
         return seed.reshape(()).to(device)
     value = check_seed_int(seed)
     signed = value - SEED_MAX if value >= 2**63 else value

@@ -184,7 +184,7 @@ def test_load_data_checks_values(tmp_path):
 @pytest.mark.parametrize("name", ["reference", "cpu"])
 def test_seeded_binarization_is_bernoulli_of_the_pixel_values(name):
     """x_bin = (eps < Phi^-1(x)) with eps the op's noise stream: P(x_bin = 1) = x, 0 and 1 stay
-    exact, a seed (int or tensor) fixes the draw, and every backend draws the same pixels."""
+    exact, the seed fixes the draw, and every backend draws the same pixels."""
     torch.manual_seed(7)
     x = torch.rand(64, 1, 4, 8)
     x[0, 0, 0, :2] = torch.tensor([0.0, 1.0])
@@ -195,9 +195,10 @@ def test_seeded_binarization_is_bernoulli_of_the_pixel_values(name):
     z = (draws.double().mean(0) - x.double()) / (x.double() * (1 - x.double()) / 400).sqrt().clamp(min=1e-6)
     assert z.abs().max() < 5.5 and abs(float(z.mean())) < 0.1 and 0.9 < float(z[x > 0.05].std()) < 1.1
     eps = fv.standard_normal(x.shape, 3)
-    assert torch.equal(binarize_with_seed(thr, 3, name), (torch.special.ndtr(eps.double()) < x.double()).float())
-    assert torch.equal(binarize_with_seed(thr, torch.tensor(3), name), binarize_with_seed(thr, 3, "reference"))
-    assert not torch.equal(binarize_with_seed(thr, 3, name), binarize_with_seed(thr, 4, name))
+    three = torch.tensor(3)
+    assert torch.equal(binarize_with_seed(thr, three, name), (torch.special.ndtr(eps.double()) < x.double()).float())
+    assert torch.equal(binarize_with_seed(thr, three, name), binarize_with_seed(thr, three, "reference"))
+    assert not torch.equal(binarize_with_seed(thr, three, name), binarize_with_seed(thr, torch.tensor(4), name))
 
 
 def test_split_is_seeded():

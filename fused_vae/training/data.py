@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .. import api
+from .. import backends
+from ..backends.protocol import KL_SKIP
 
 
 class DataError(ValueError):
@@ -245,15 +246,18 @@ def bernoulli_thresholds(x: torch.Tensor) -> torch.Tensor:
     return torch.special.ndtri(x.float())
 
 
-def binarize_with_seed(thresholds: torch.Tensor, seed, backend: str | None = None) -> torch.Tensor:
-    """Binary pixels ``x_bin ~ Bernoulli(x)`` from :func:`bernoulli_thresholds` of ``x`` and the
-    fused ops' noise stream of ``seed`` (a 0-d int64 tensor on their device, or an int): 1.0
-    where ``eps < threshold``, ``eps`` the stream's standard normals over the thresholds' shape
-    (``fused_vae.standard_normal``). One fused-op call and no host work, so a captured step
-    binarizes anew each step. float32 of the thresholds' shape; ``backend`` picks the op's."""
+def binarize_with_seed(thresholds: torch.Tensor, seed: torch.Tensor, backend: str | None = None) -> torch.Tensor:
+    """Binary pixels ``x_bin ~ Bernoulli(x)`` from :func:`bernoulli_thresholds` of ``x`` (a float32
+    tensor) and the fused ops' noise stream of ``seed`` (a 0-d int64 tensor on their device):
+    1.0 where ``eps < threshold``, ``eps`` the stream's standard normals over the thresholds'
+    shape (``fused_vae.standard_normal``). One fused-op call and no host work, so a captured
+    step binarizes anew each step. float32 of the thresholds' shape; ``backend`` picks the
+    op's backend (None: automatic).
+    """
     zeros = thresholds.new_zeros(()).expand(thresholds.shape)
-    eps = api.reparameterize(zeros, zeros, seed=seed, backend=backend)  # exactly 0 + exp(0) * eps
-    return (eps < thresholds).float()
+    # The op itself (the arguments are known good): z = 0 + exp(0) * eps is exactly eps.
+    eps = backends.resolve(backend, thresholds.device).reparam_kl(zeros, zeros, seed, 1, KL_SKIP, None, None)[0]
+    return (eps[0] < thresholds).float()
 
 
 def load_data(cfg) -> DataBundle:
