@@ -95,9 +95,10 @@ class TrainBatches:
         seeds, first = [(None, None)] * (self.steps_per_epoch * self.grad_accum), 0
         if seed is not None:
             seeds, first = self._step_seeds(seed, device, epoch * self.steps_per_epoch, self.steps_per_epoch)
+        steps = order.unbind(0)  # views made once per epoch, not per step
         for i in range(start, self.steps_per_epoch):
             at = first + i * self.grad_accum
-            yield i, [MicroBatch(order[i, a], m, *seeds[at + a]) for a, m in enumerate(self.micro_ids)]
+            yield i, [MicroBatch(ix, m, *seeds[at + a]) for a, (ix, m) in enumerate(zip(steps[i].unbind(0), self.micro_ids))]
 
     def _step_seeds(self, seed: int, device, first: int, n: int) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], int]:
         """``(seeds, offset)``: ``seeds[offset + i * grad_accum + a]`` is the (noise, binarization)
