@@ -46,7 +46,7 @@ included. So two numbers per run:
 Ratios are trainer / plain (below 1: the trainer is faster), per round and of the medians.
 
     python benchmarks/bench_trainer.py --quick     # about 3 minutes
-    python benchmarks/bench_trainer.py             # about 10 minutes on 2 busy cores
+    python benchmarks/bench_trainer.py             # about 12 minutes on 2 quiet cores
 """
 
 from __future__ import annotations
@@ -320,7 +320,7 @@ def main(argv=None) -> int:
     parser.add_argument("--compiled-configs", default=None,
                         help="configurations also run compiled (default: default,iwae-elbo-K5,iwae-iwae-K5; "
                              "--quick: default)")
-    parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 3; --quick 2)")
+    parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 5; --quick 2)")
     parser.add_argument("--steps", type=int, default=None,
                         help="--max-steps of every run (default 600; --quick 200); at least 2 x 50")
     parser.add_argument("--out", type=Path, default=None,
@@ -337,7 +337,7 @@ def main(argv=None) -> int:
               [v for v in variants if v not in ("eager", "compiled")]
     if unknown:
         parser.error(f"unknown configuration or variant: {', '.join(unknown)}")
-    rounds = args.rounds or (2 if args.quick else 3)
+    rounds = args.rounds or (2 if args.quick else 5)
     steps = args.steps or (200 if args.quick else 600)
     if steps < 2 * LOG_EVERY:
         parser.error(f"--steps must be at least {2 * LOG_EVERY}")

@@ -73,3 +73,23 @@ def test_smallest_configuration_runs(tmp_path):
     assert [s for s, _ in rnd["trainer"]["marks"]] == [s for s, _ in rnd["plain"]["marks"]] == [50, 100]
     assert row["steady_ms_per_step"]["ratio_of_medians"] > 0
     assert result["environment"]["git"]["commit"]
+
+
+@pytest.mark.slow
+def test_trainer_breakdown_runs_and_switches_parts_off_and_on(tmp_path):
+    """The breakdown's smoke run; switching a part off and back on leaves the trainer as it was."""
+    import trainer_breakdown
+    from fused_vae.training import trainer as trainer_module
+
+    real = (trainer_module.grad_norm, trainer_module.binarize_with_seed, trainer_module.Trainer._check_due)
+    out = tmp_path / "breakdown.json"
+    threads = torch.get_num_threads()
+    try:
+        assert trainer_breakdown.main(["--quick", "--configs", "iwae-iwae-K5", "--out", str(out)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    assert (trainer_module.grad_norm, trainer_module.binarize_with_seed, trainer_module.Trainer._check_due) == real
+    (row,) = json.loads(out.read_text())["results"]
+    assert set(row["sides"]["trainer"]["part_ms"]) == set(trainer_breakdown.PARTS)
+    assert set(row["sides"]["plain loop"]["part_ms"]) == set(trainer_breakdown.PLAIN_PARTS)
+    assert all(len(v) == 4 for v in row["values_ms_per_step"].values()) and row["trainer_over_plain_per_round_median"] > 0
