@@ -213,3 +213,22 @@ def test_the_paper_preset():
     assert (cfg.epochs, cfg.iwae_samples, cfg.grad_clip) == (3280, 5000, 0.0)
     with pytest.raises(ConfigError, match="preset must be one of iwae-mnist"):
         load_preset("iwae-cifar")
+
+
+@pytest.mark.parametrize("kw", [dict(objective="elbo", num_samples=1, beta=0.5, free_bits=0.2),
+                                dict(objective="elbo", num_samples=3),
+                                dict(objective="iwae", num_samples=4)], ids=["elbo-fb", "elbo-K3", "iwae-K4"])
+def test_return_stats_gives_the_dict_values_and_the_same_gradients(kw):
+    """The trainer's form of forward: the same loss and gradients, and the dict's LOSS_STATS as a
+    detached [5] tensor (no autograd graph for them)."""
+    from fused_vae.models import LOSS_STATS
+
+    model, x = _model_and_data(seed=6)
+    out = model(x, seed=3, **kw)
+    grads = torch.autograd.grad(out["loss"], list(model.parameters()))
+    loss, stats = model(x, seed=3, return_stats=True, **kw)
+    assert stats.shape == (5,) and stats.dtype == torch.float32 and not stats.requires_grad
+    assert torch.equal(loss, out["loss"])
+    torch.testing.assert_close(stats, torch.stack([out[k].detach() for k in LOSS_STATS]), rtol=1e-6, atol=1e-6)
+    for g, h in zip(grads, torch.autograd.grad(loss, list(model.parameters()))):
+        assert torch.equal(g, h)
