@@ -153,18 +153,22 @@ class VAE(nn.Module):
             ValueError: unknown objective, num_samples < 1, or beta != 1 / free_bits with ``iwae``.
         """
         k = check_train_samples(objective, num_samples, beta, free_bits)
-        loss, recon, kl, kl_pen, bound = self._objective_terms(x, beta, free_bits, seed, objective, k)
+        loss, recon, kl, kl_pen, bound = self._objective_terms(x, beta, free_bits, seed, objective, k,
+                                                               stats_grad=not return_stats)
         if return_stats:
             with torch.no_grad():
                 elbo = -(recon + kl)
-                return loss, torch.stack([loss, recon, kl, elbo, elbo if bound is None else bound])
+                return loss, torch.stack([loss, recon, kl, elbo, elbo if bound is None else -loss])
         elbo = -(recon + kl)
         return {"loss": loss, "recon": recon, "kl": kl, "kl_penalty": kl_pen, "elbo": elbo,
                 "bound": elbo if bound is None else bound}
 
-    def _objective_terms(self, x: torch.Tensor, beta, free_bits: float, seed, objective: str, k: int):
-        """``(loss, recon, kl, kl_penalty, bound)`` of :meth:`forward` as differentiable float32
-        scalars (batch means); ``bound`` is None where it is the ELBO ``-(recon + kl)``."""
+    def _objective_terms(self, x: torch.Tensor, beta, free_bits: float, seed, objective: str, k: int, *,
+                         stats_grad: bool = True):
+        """``(loss, recon, kl, kl_penalty, bound)`` of :meth:`forward` as float32 scalars (batch
+        means); ``bound`` is None where it is the ELBO ``-(recon + kl)``. ``loss`` is
+        differentiable; with ``stats_grad=False`` the values only the statistics read may be
+        computed without autograd."""
         q = self.encode(x)
         if objective == "elbo" or k == 1:
             z, kl = q.sample_with_kl(seed=seed, num_samples=k if k > 1 else None,
@@ -173,27 +177,27 @@ class VAE(nn.Module):
             kl_mean, kl_pen = kl_penalty(kl, free_bits)
             return weighted_loss(recon, kl_pen, beta), recon, kl_mean, kl_pen, None
         z, kl = q.sample_with_kl(seed=seed, num_samples=k, reduction="batchmean")  # z: [K, B, L]; kl for the stats
-        log_px_z, log_w = self._log_weights(q, z, x)
-        bound = torch.logsumexp(log_w, dim=0).mean() - math.log(k)
-        return -bound, -log_px_z.mean(), kl, kl, bound
+        nll, log_w = self._log_weights(q, z, x)
+        loss = math.log(k) - torch.logsumexp(log_w, dim=0).mean()
+        with torch.set_grad_enabled(stats_grad and torch.is_grad_enabled()):
+            return loss, nll.mean(), kl, kl, -loss
 
     def _log_weights(self, q: DiagonalGaussian, z: torch.Tensor, x: torch.Tensor):
-        """``(log p(x | z), log p(x, z) - log q(z | x))`` for samples ``z`` (``[K, B, L]``) that
+        """``(-log p(x | z), log p(x, z) - log q(z | x))`` for samples ``z`` (``[K, B, L]``) that
         the fused op drew from ``q``: two ``[K, B]`` float32 tensors, differentiable through
         ``z`` and ``q``.
 
         With ``eps = (z - mu) / std``, the noise that drew ``z``, ``log p(z) - log q(z | x)`` is
-        ``-0.5 * sum(z^2 - eps^2 - logvar)`` (the 2 pi terms cancel). ``eps`` enters as a
+        ``0.5 * sum(eps^2 + logvar - z^2)`` (the 2 pi terms cancel). ``eps`` enters as a
         constant: for a reparameterized sample it does not depend on mu and logvar (their
         paths through ``z`` and through ``(z - mu) / std`` cancel), so the gradient is the
         full one, with fewer operations.
         """
-        log_px_z = -self.likelihood.nll(self.decode(z), x)
-        logvar = q._logvar().float()
+        nll = self.likelihood.nll(self.decode(z), x)
+        logvar, zf = q._logvar().float(), z.float()
         with torch.no_grad():
-            eps_sq = ((z.float() - q.mu.float()) * torch.exp(-0.5 * logvar)).square().sum(-1)
-        log_ratio = -0.5 * (z.float().square().sum(-1) - eps_sq - logvar.sum(-1))
-        return log_px_z, log_px_z + log_ratio
+            eps_sq = ((zf - q.mu.float()) * torch.exp(-0.5 * logvar)).square().sum(-1)
+        return nll, 0.5 * (eps_sq + logvar.sum(-1) - (zf * zf).sum(-1)) - nll
 
     def elbo(self, x: torch.Tensor, *, seed=None) -> dict:
         """Single-sample ELBO per example: dict of ``elbo``, ``recon``, ``kl``, each ``[B]`` float32."""

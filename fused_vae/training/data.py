@@ -246,6 +246,9 @@ def bernoulli_thresholds(x: torch.Tensor) -> torch.Tensor:
     return torch.special.ndtri(x.float())
 
 
+_ZEROS: dict[torch.device, torch.Tensor] = {}  # a 0-d float32 zero per device, expanded to any shape
+
+
 def binarize_with_seed(thresholds: torch.Tensor, seed: torch.Tensor, backend: str | None = None) -> torch.Tensor:
     """Binary pixels ``x_bin ~ Bernoulli(x)`` from :func:`bernoulli_thresholds` of ``x`` (a float32
     tensor) and the fused ops' noise stream of ``seed`` (a 0-d int64 tensor on their device):
@@ -254,7 +257,10 @@ def binarize_with_seed(thresholds: torch.Tensor, seed: torch.Tensor, backend: st
     step binarizes anew each step. float32 of the thresholds' shape; ``backend`` picks the
     op's backend (None: automatic).
     """
-    zeros = thresholds.new_zeros(()).expand(thresholds.shape)
+    zero = _ZEROS.get(thresholds.device)
+    if zero is None:
+        zero = _ZEROS[thresholds.device] = torch.zeros((), device=thresholds.device)
+    zeros = zero.expand(thresholds.shape)
     # The op itself (the arguments are known good): z = 0 + exp(0) * eps is exactly eps.
     eps = backends.resolve(backend, thresholds.device).reparam_kl(zeros, zeros, seed, 1, KL_SKIP, None, None)[0]
     return (eps[0] < thresholds).float()
