@@ -133,6 +133,20 @@ def bench_keys(_text: str, work: Path) -> dict:
     }
 
 
+def trainer_keys(_text: str, work: Path) -> dict:
+    """bench_trainer.py's targets and each case's steady ms/step (trainer, plain loop)."""
+    data = read_json(work / "bench_trainer.json")
+    if not data:
+        return {}
+    return {
+        "targets": data.get("targets", []),
+        "steady_ms_per_step": {f"{r['config']} {r['variant']}": [round(r["steady_ms_per_step"][side]["median"], 3)
+                                                                 for side in ("trainer", "plain")]
+                               for r in data["results"]},
+        "over_eager_steady": data.get("over_eager_steady", {}),
+    }
+
+
 def sanitizer_keys(text: str, _work: Path) -> dict:
     """compute-sanitizer's error count and how far the driver got."""
     keys = {}
@@ -172,7 +186,7 @@ def key_function(name: str):
     if name.startswith("sanitizer"):
         return sanitizer_keys
     return {"gpu_tests": pytest_keys, "contract": pytest_keys, "build": build_keys, "bandwidth": bandwidth_keys,
-            "bench_gpu": bench_keys, "ncu": ncu_keys}.get(name)
+            "bench_gpu": bench_keys, "trainer": trainer_keys, "ncu": ncu_keys}.get(name)
 
 
 def read_json(path: Path):

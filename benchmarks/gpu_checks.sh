@@ -17,6 +17,8 @@
 #   contract          the shared contract suite on the device (-k "$CONTRACT_K")
 #   bandwidth         benchmarks/bandwidth.py: fwd and fwd+bwd at 64M elements vs. copy
 #   bench_gpu         benchmarks/bench_gpu.py --quick at the target sizes
+#   trainer           benchmarks/bench_trainer.py on the GPU: `fused-vae train` eager and
+#                     --cuda-graphs against the plain loop (default run, IWAE net K = 5)
 #   sanitizer_driver  benchmarks/sanitizer_driver.py alone (every path of the CUDA kernels,
 #                     small sizes): seconds, and it proves the driver before the sanitizer
 #   sanitizer_<tool>  the driver under compute-sanitizer memcheck / racecheck / synccheck /
@@ -30,7 +32,8 @@
 #                             key numbers; the environment (GPU, driver, torch, triton,
 #                             CUDA, git commit, date)
 #   gpu_checks_logs.tar.gz    every log and raw result file (gpu_checks/logs/*.log,
-#                             bandwidth.json, bench_gpu.json, junit XML, the ncu report)
+#                             bandwidth.json, bench_gpu.json, bench_trainer.json, junit XML,
+#                             the ncu report)
 # The logs are written under $GPU_CHECKS_WORK (default: a new folder in $TMPDIR or /tmp).
 #
 # --dry-run: FUSED_VAE_CUDA_EMULATE=1, TRITON_INTERPRET=1, CPU tensors, tiny sizes; the
@@ -87,7 +90,7 @@ for tool in $SANITIZER_TOOLS; do
   done
 done
 SAN_STEPS+=(sanitizer_memcheck_triton)
-STEPS=(env build gpu_tests contract bandwidth bench_gpu sanitizer_driver "${SAN_STEPS[@]}" ncu)
+STEPS=(env build gpu_tests contract bandwidth bench_gpu trainer sanitizer_driver "${SAN_STEPS[@]}" ncu)
 STEP_LIST=$(IFS=,; echo "${STEPS[*]}")
 for name in ${ONLY//,/ }; do
   [[ ",$STEP_LIST," == *",$name,"* ]] || { echo "gpu_checks.sh: --only: no step $name (steps: $STEP_LIST)" >&2; exit 2; }
@@ -244,6 +247,15 @@ if [ "$DRY" = 1 ]; then
 else
   step bench_gpu 100 - "$PY" benchmarks/bench_gpu.py --quick --sizes "128x32;8x16x128x128;256x16x128x128" \
     --backends cuda,triton --out "$WORK/bench_gpu.json"
+fi
+
+if [ "$DRY" = 1 ]; then  # the same script on the CPU: one short round of the default run
+  step trainer 240 - "$PY" benchmarks/bench_trainer.py --device cpu --configs default --variants eager --rounds 1 \
+    --steps 100 --out "$WORK/bench_trainer.json"
+else
+  step trainer 150 - "$PY" benchmarks/bench_trainer.py --device cuda --configs default,iwae-iwae-K5 \
+    --variants eager,cuda-graphs --compiled-configs default,iwae-iwae-K5 --rounds 1 --steps 400 \
+    --out "$WORK/bench_trainer.json"
 fi
 
 DRIVER=("$PY" benchmarks/sanitizer_driver.py --device "$DEV" --size "$SIZE")

@@ -67,12 +67,15 @@ def test_smallest_configuration_runs(tmp_path):
         torch.set_num_threads(threads)
     result = json.loads(out.read_text())
     (row,) = result["results"]
-    assert (row["config"], row["variant"], row["trainer_available"]) == ("default", "eager", True)
+    assert (row["config"], row["variant"], result["device"]) == ("default", "eager", "cpu")
     (rnd,) = row["rounds"]
     assert rnd["trainer"]["steps"] == rnd["plain"]["steps"] == 100
     assert [s for s, _ in rnd["trainer"]["marks"]] == [s for s, _ in rnd["plain"]["marks"]] == [50, 100]
     assert row["steady_ms_per_step"]["ratio_of_medians"] > 0
     assert result["environment"]["git"]["commit"]
+    with pytest.raises(SystemExit):  # CUDA graphs need a GPU: refused before anything runs
+        bench_trainer.main(["--variants", "cuda-graphs", "--out", str(tmp_path / "no.json")])
+    assert not (tmp_path / "no.json").exists()
 
 
 @pytest.mark.slow

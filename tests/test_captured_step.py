@@ -15,7 +15,10 @@ from fused_vae.training import step as step_mod
 from fused_vae.training.config import ConfigError
 from fused_vae.training.trainer import Trainer
 
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device: CUDA graph capture cannot be emulated")
+def needs_cuda(fn):
+    """A test of the real GPU (selected by ``-m gpu``, as benchmarks/gpu_checks.sh does)."""
+    reason = "needs a CUDA device: CUDA graph capture cannot be emulated"
+    return pytest.mark.gpu(pytest.mark.skipif(not torch.cuda.is_available(), reason=reason)(fn))
 
 
 def tiny(tmp_path, **kw) -> TrainConfig:

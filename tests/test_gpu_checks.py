@@ -38,7 +38,7 @@ gpu_checks = _load("gpu_checks")
 sanitizer_driver = _load("sanitizer_driver")
 
 SANITIZER_STEPS = [f"sanitizer_{tool}_{k}of2" for tool in ("memcheck", "racecheck", "synccheck", "initcheck") for k in (1, 2)]
-STEPS = ["env", "build", "gpu_tests", "contract", "bandwidth", "bench_gpu", "sanitizer_driver", *SANITIZER_STEPS,
+STEPS = ["env", "build", "gpu_tests", "contract", "bandwidth", "bench_gpu", "trainer", "sanitizer_driver", *SANITIZER_STEPS,
          "sanitizer_memcheck_triton", "ncu"]
 SUMMARY = "gpu_checks_summary.json"
 ARCHIVE = "gpu_checks_logs.tar.gz"
@@ -101,8 +101,8 @@ def test_dry_run_runs_every_step_but_the_hardware_tools(dry_run):
         assert steps[name]["status"] == "skipped" and steps[name]["skipped_tools"] == ["compute-sanitizer"]
         assert steps[name]["rc"] is None
     ran = [s for s in steps.values() if s["status"] != "skipped"]
-    assert [s["name"] for s in ran] == ["env", "build", "gpu_tests", "contract", "bandwidth", "bench_gpu", "sanitizer_driver",
-                                        "sanitizer_memcheck_triton", "ncu"]
+    assert [s["name"] for s in ran] == ["env", "build", "gpu_tests", "contract", "bandwidth", "bench_gpu", "trainer",
+                                        "sanitizer_driver", "sanitizer_memcheck_triton", "ncu"]
     for s in ran:
         assert (s["status"], s["rc"], s["timed_out"]) == ("ok", 0, False), s
         assert s["seconds"] <= s["limit_s"]
@@ -122,6 +122,9 @@ def test_dry_run_key_numbers_and_environment(dry_run):
     assert steps["bandwidth"]["key"]["complete"]
     assert set(steps["bandwidth"]["key"]["fwd_bwd_fraction_of_copy"]) == {f"cuda float32 {r}" for r in ("batchmean", "per_sample", "none")}
     assert steps["bench_gpu"]["key"]["complete"] and steps["bench_gpu"]["key"]["errors"] == []
+    trainer = steps["trainer"]["key"]  # one round of the default run, eager, trainer and plain loop
+    assert list(trainer["steady_ms_per_step"]) == ["default eager"] and min(trainer["steady_ms_per_step"]["default eager"]) > 0
+    assert trainer["targets"][0].split("]")[0] in ("[PASS", "[MISS")
     env = summary["environment"]
     for key in ("date_utc", "git_commit", "torch", "triton", "python"):
         assert env.get(key), key
@@ -133,7 +136,7 @@ def test_dry_run_archive_holds_every_log_and_raw_result(dry_run):
     for s in summary["steps"]:
         if s["status"] != "skipped":
             assert s["log"] in members and s["tail"], s["name"]
-    for name in ("bandwidth.json", "bench_gpu.json", "environment.json"):
+    for name in ("bandwidth.json", "bench_gpu.json", "bench_trainer.json", "environment.json"):
         json.loads(members[f"gpu_checks/{name}"])
     assert json.loads(members["gpu_checks/bench_gpu.json"])["complete"]
     assert b"<testsuite" in members["gpu_checks/gpu_tests.xml"]
@@ -206,7 +209,8 @@ def test_spent_budget_leaves_valid_files_with_every_step_not_run(tmp_path):
     for s in steps_by_name(summary).values():
         assert s["status"] in ("no_time", "skipped"), s
     assert [s["name"] for s in summary["steps"] if s["status"] == "no_time"] == [
-        "env", "build", "gpu_tests", "contract", "bandwidth", "bench_gpu", "sanitizer_driver", "sanitizer_memcheck_triton", "ncu"]
+        "env", "build", "gpu_tests", "contract", "bandwidth", "bench_gpu", "trainer", "sanitizer_driver",
+        "sanitizer_memcheck_triton", "ncu"]
     assert all(not name.endswith(".log") for name in members)
 
 
