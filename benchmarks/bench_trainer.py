@@ -28,8 +28,9 @@ compiled trainer process compiles its step afresh, tens of seconds on a CPU);
 on the device; the plain loop reads its loss back every 50 steps, as the trainer's log does).
 
 What the numbers include. Every trainer run passes ``--eval-every 0 --iwae-samples 0``
-(no per-epoch test ELBO, no IWAE NLL) and ``--log-every 50`` (the default run's; the
-preset's is 1000); checkpoints keep the trainer's cadence (``last.pt`` every 10 epochs)
+(no per-epoch test ELBO, no IWAE NLL), ``--amp off`` (float32, as the plain loop) and
+``--log-every 50`` (the default run's; the preset's is 1000); checkpoints keep the
+trainer's cadence (``last.pt`` about every 1000 steps, whole epochs)
 because writing them is part of what the command costs. summary.json's ``train_time_s``
 runs from the first step to the end of the final test-ELBO evaluation (the one evaluation
 left) and covers the checkpoints, the first steps (allocator warm-up; with ``--compile``,
