@@ -121,16 +121,57 @@ def plain_scheduler(optimizer, schedule: str, *, total_steps: int, steps_per_epo
     raise ValueError(f"schedule must be cosine, constant or iwae, got {schedule!r}")
 
 
-def train_plain(model: PlainMLPVAE, train_x: torch.Tensor, *, steps: int, batch_size: int, objective: str = "elbo",
-                k: int = 1, lr: float = 1e-3, adam_eps: float = 1e-8, grad_clip: float = 100.0,
-                schedule: str = "cosine", dynamic_binarize: bool = False, log_every: int = 50,
-                compile_loss: bool = False) -> list[tuple[int, float]]:
-    """The training loop a user would write around ``model``: shuffled batches of ``batch_size``
-    from ``train_x`` (``[N, ...]`` in [0, 1]; a new ``randperm`` each epoch, the last partial
-    batch dropped), ``torch.bernoulli`` binarization when ``dynamic_binarize``, :func:`plain_loss`
-    (``torch.compile``-d when ``compile_loss``), backward, gradient-norm clipping (when
-    ``grad_clip`` > 0), fused AdamW (no weight decay) and :func:`plain_scheduler`; every
-    ``log_every`` steps it reads the loss back, as a loop that prints it would.
+class PlainLoop:
+    """The training loop a user would write around ``model``, one step per :meth:`step`: shuffled
+    batches of ``batch_size`` from ``train_x`` (``[N, ...]`` in [0, 1]; a new ``randperm`` each
+    epoch, the last partial batch dropped), ``torch.bernoulli`` binarization when
+    ``dynamic_binarize``, :func:`plain_loss` (``torch.compile``-d when ``compile_loss``),
+    backward, gradient-norm clipping (when ``grad_clip`` > 0), fused AdamW (no weight decay)
+    and :func:`plain_scheduler` over ``total_steps``.
+
+    The attributes ``binarize``, ``clip`` and ``update`` (the optimizer and LR steps) switch
+    those parts on and off (benchmarks/trainer_breakdown.py times them).
+    """
+
+    def __init__(self, model: PlainMLPVAE, train_x: torch.Tensor, *, total_steps: int, batch_size: int,
+                 objective: str = "elbo", k: int = 1, lr: float = 1e-3, adam_eps: float = 1e-8,
+                 grad_clip: float = 100.0, schedule: str = "cosine", dynamic_binarize: bool = False,
+                 compile_loss: bool = False):
+        self.model, self.train_x, self.batch_size, self.objective, self.k = model, train_x, batch_size, objective, k
+        self.grad_clip = grad_clip
+        self.opt = torch.optim.AdamW(model.parameters(), lr=lr, eps=adam_eps, weight_decay=0.0, fused=True)
+        self.per_epoch = train_x.shape[0] // batch_size
+        self.sched = plain_scheduler(self.opt, schedule, total_steps=total_steps, steps_per_epoch=self.per_epoch)
+        self.loss_fn = torch.compile(plain_loss) if compile_loss else plain_loss
+        self.binarize, self.clip, self.update = dynamic_binarize, grad_clip > 0, True
+        self.steps_done, self.order = 0, None
+
+    def step(self) -> torch.Tensor:
+        """One optimizer step; returns its loss (a float32 scalar, not read back)."""
+        bsz = self.batch_size
+        if self.steps_done % self.per_epoch == 0:
+            self.order = torch.randperm(self.train_x.shape[0])
+        i = self.steps_done % self.per_epoch
+        x = self.train_x[self.order[i * bsz:(i + 1) * bsz]]
+        if self.binarize:
+            x = torch.bernoulli(x)
+        self.opt.zero_grad(set_to_none=True)
+        loss = self.loss_fn(self.model, x, self.k, self.objective)
+        loss.backward()
+        if self.clip:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+        if self.update:
+            self.opt.step()
+            self.sched.step()
+        self.steps_done += 1
+        return loss
+
+
+def train_plain(model: PlainMLPVAE, train_x: torch.Tensor, *, steps: int, batch_size: int, log_every: int = 50,
+                **loop_kwargs) -> list[tuple[int, float]]:
+    """``steps`` steps of :class:`PlainLoop` (``batch_size`` and ``loop_kwargs`` are its
+    arguments; ``total_steps=steps``); every ``log_every`` steps it reads the loss back, as a
+    loop that prints it would.
 
     Returns ``[(step, seconds since the loop started), ...]`` at every ``log_every``-th step
     and the last (``time.perf_counter``).
@@ -138,27 +179,11 @@ def train_plain(model: PlainMLPVAE, train_x: torch.Tensor, *, steps: int, batch_
     Raises:
         FloatingPointError: the loss became NaN/Inf.
     """
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, eps=adam_eps, weight_decay=0.0, fused=True)
-    n = train_x.shape[0]
-    per_epoch = n // batch_size
-    sched = plain_scheduler(opt, schedule, total_steps=steps, steps_per_epoch=per_epoch)
-    loss_fn = torch.compile(plain_loss) if compile_loss else plain_loss
+    loop = PlainLoop(model, train_x, total_steps=steps, batch_size=batch_size, **loop_kwargs)
     marks = []
     t0 = time.perf_counter()
     for step in range(steps):
-        if step % per_epoch == 0:
-            order = torch.randperm(n)
-        i = step % per_epoch
-        x = train_x[order[i * batch_size:(i + 1) * batch_size]]
-        if dynamic_binarize:
-            x = torch.bernoulli(x)
-        opt.zero_grad(set_to_none=True)
-        loss = loss_fn(model, x, k, objective)
-        loss.backward()
-        if grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-        opt.step()
-        sched.step()
+        loss = loop.step()
         if (step + 1) % log_every == 0 or step + 1 == steps:
             if not math.isfinite(float(loss.detach())):
                 raise FloatingPointError(f"plain loop: non-finite loss at step {step + 1}")

@@ -3,8 +3,8 @@ where the remaining time goes").
 
 For a configuration of benchmarks/bench_trainer.py (default: the default run and the IWAE
 preset's net at batch 20, iwae K = 5), this builds the run ``fused-vae train`` would build
-(``Trainer._setup``) and times blocks of its real steps (``Trainer._train_step``, the LR
-schedule and the logging-interval read-out, as ``_train_epoch`` runs them), interleaved with
+(``Trainer._setup``) and times blocks of its real steps (``Trainer._train_epoch`` itself: the
+step, the LR schedule and the statistics read-out, which also ends each block), interleaved with
 blocks of benchmarks/plain.py's loop on the same data, and with blocks where one part of the
 trainer's step is switched off:
 
@@ -41,11 +41,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_trainer import configurations  # noqa: E402
 from common import environment, load_average, save_result  # noqa: E402
-from plain import PlainMLPVAE, plain_loss, plain_scheduler  # noqa: E402
+from plain import PlainLoop, PlainMLPVAE  # noqa: E402
 
 from fused_vae.cli import build_parser, config_from_args  # noqa: E402
-from fused_vae.models import kl_warmup_beta  # noqa: E402
 from fused_vae.training import trainer as trainer_module  # noqa: E402
+from fused_vae.training.progress import progress_bar  # noqa: E402
 from fused_vae.training.distributed import setup  # noqa: E402
 
 PARTS = ("binarization", "gradient norm", "NaN/Inf check", "update")
@@ -60,64 +60,35 @@ class TrainerSteps:
                                         "--max-steps", "1000000"])
         self.trainer = trainer_module.Trainer(config_from_args(ns)[0], overwrite=True)
         self.run = self.trainer._setup(setup(self.trainer.cfg.device))
+        self.run.pbar = progress_bar(total=None, disable=True)
+        self.run.t0 = time.perf_counter()
         torch.set_num_threads(1)
 
     def __call__(self, n: int) -> None:
-        """``n`` steps as ``Trainer._train_epoch`` runs them (without the progress bar and files)."""
-        tr, run, cfg = self.trainer, self.run, self.trainer.cfg
-        while n > 0:
-            for i, micros in run.batches.epoch(run.epoch, run.start_batch, seed=cfg.seed, device=run.ctx.device):
-                tr._train_step(run, micros, kl_warmup_beta(run.step, cfg.beta, cfg.kl_warmup_steps))
-                run.scheduler.step()
-                run.step += 1
-                if run.step % cfg.log_every == 0:
-                    tr._check_finite(run)
-                    run.window.means()
-                n -= 1
-                if n == 0:
-                    run.start_batch = i + 1
-                    break
-            else:
-                run.start_batch = run.steps_per_epoch
-            if run.start_batch >= run.steps_per_epoch:
-                run.epoch, run.start_batch = run.epoch + 1, 0
+        """``n`` more steps, by ``Trainer._train_epoch`` itself (no evaluation or checkpoint between epochs)."""
+        run = self.run
+        run.total_steps = run.step + n  # _train_epoch stops there (and logs the window)
+        while run.step < run.total_steps:
+            self.trainer._train_epoch(run)
 
 
 class PlainSteps:
-    """benchmarks/plain.py's loop (``train_plain``) one step at a time, from the trainer's weights."""
+    """benchmarks/plain.py's :class:`PlainLoop` from the trainer's weights, reading its loss back
+    every 50 steps as ``train_plain`` does; ``off`` switches :data:`PLAIN_PARTS` off."""
 
     def __init__(self, steps: TrainerSteps, plain_kwargs: dict):
         run = steps.run
-        self.model = PlainMLPVAE(run.data.train[0].numel(), 50, (200, 200)).copy_from(run.model)
-        self.kw = plain_kwargs
-        self.x = run.data.train
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=plain_kwargs["lr"], eps=plain_kwargs["adam_eps"],
-                                     weight_decay=0.0, fused=True)
-        self.per_epoch = self.x.shape[0] // plain_kwargs["batch_size"]
-        self.sched = plain_scheduler(self.opt, plain_kwargs["schedule"], total_steps=1_000_000,
-                                     steps_per_epoch=self.per_epoch)
-        self.step, self.order = 0, None
-        self.off: tuple[str, ...] = ()  # PLAIN_PARTS switched off
+        model = PlainMLPVAE(run.data.train[0].numel(), 50, (200, 200)).copy_from(run.model)
+        self.loop = PlainLoop(model, run.data.train, total_steps=1_000_000, **plain_kwargs)
+        self.parts_on = {"binarization": self.loop.binarize, "clipping": self.loop.clip, "update": True}
+        self.off: tuple[str, ...] = ()
 
     def __call__(self, n: int) -> None:
-        kw, bsz, off = self.kw, self.kw["batch_size"], self.off
+        loop = self.loop
+        loop.binarize, loop.clip, loop.update = (self.parts_on[p] and p not in self.off for p in PLAIN_PARTS)
         for _ in range(n):
-            if self.step % self.per_epoch == 0:
-                self.order = torch.randperm(self.x.shape[0])
-            i = self.step % self.per_epoch
-            x = self.x[self.order[i * bsz:(i + 1) * bsz]]
-            if kw["dynamic_binarize"]:
-                x = (x > 0.5).float() if "binarization" in off else torch.bernoulli(x)
-            self.opt.zero_grad(set_to_none=True)
-            loss = plain_loss(self.model, x, kw["k"], kw["objective"])
-            loss.backward()
-            if kw["grad_clip"] > 0 and "clipping" not in off:
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), kw["grad_clip"])
-            if "update" not in off:
-                self.opt.step()
-                self.sched.step()
-            self.step += 1
-            if self.step % 50 == 0:
+            loss = loop.step()
+            if loop.steps_done % 50 == 0:
                 float(loss.detach())
 
 

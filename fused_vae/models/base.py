@@ -155,13 +155,12 @@ class VAE(nn.Module):
         k = check_train_samples(objective, num_samples, beta, free_bits)
         loss, recon, kl, kl_pen, bound = self._objective_terms(x, beta, free_bits, seed, objective, k,
                                                                stats_grad=not return_stats)
-        if return_stats:
-            with torch.no_grad():
-                elbo = -(recon + kl)
-                return loss, torch.stack([loss, recon, kl, elbo, elbo if bound is None else -loss])
-        elbo = -(recon + kl)
-        return {"loss": loss, "recon": recon, "kl": kl, "kl_penalty": kl_pen, "elbo": elbo,
-                "bound": elbo if bound is None else bound}
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not return_stats):
+            elbo = -(recon + kl)
+            bound = elbo if bound is None else bound
+            if return_stats:
+                return loss, torch.stack([loss, recon, kl, elbo, bound])
+        return {"loss": loss, "recon": recon, "kl": kl, "kl_penalty": kl_pen, "elbo": elbo, "bound": bound}
 
     def _objective_terms(self, x: torch.Tensor, beta, free_bits: float, seed, objective: str, k: int, *,
                          stats_grad: bool = True):

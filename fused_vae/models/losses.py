@@ -44,10 +44,10 @@ def kl_penalty(kl: torch.Tensor, free_bits: float) -> tuple[torch.Tensor, torch.
     return kl_mean, free_bits_kl(kl, free_bits)
 
 
-def weighted_loss(recon: torch.Tensor, kl_penalty: torch.Tensor, beta) -> torch.Tensor:
-    """``recon + beta * kl_penalty``: a float or a 0-d float32 tensor ``beta`` (a captured step's
+def weighted_loss(recon: torch.Tensor, kl_term: torch.Tensor, beta) -> torch.Tensor:
+    """``recon + beta * kl_term``: a float or a 0-d float32 tensor ``beta`` (a captured step's
     warm-up); no extra autograd node for a float ``beta = 1``."""
-    return recon + (beta * kl_penalty if isinstance(beta, torch.Tensor) or beta != 1.0 else kl_penalty)
+    return recon + (beta * kl_term if isinstance(beta, torch.Tensor) or beta != 1.0 else kl_term)
 
 
 def vae_loss(recon_nll: torch.Tensor, kl: torch.Tensor, *, beta: float = 1.0, free_bits: float = 0.0) -> dict:

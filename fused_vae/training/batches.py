@@ -115,12 +115,12 @@ class TrainBatches:
         return c[3], (first - c[1]) * self.grad_accum
 
 
-def step_seeds(seed: int, steps: torch.Tensor, micro_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def step_seeds(seed: int, steps: torch.Tensor, micro_ids: torch.Tensor, *,
+               binarize: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The seeds of micro-batches ``micro_ids`` at (0-based) steps ``steps`` (int64 tensors that
     broadcast; steps below 2**32), on the tensors' device: ``(noise, binarization)``, int64
-    tensors of the broadcast shape. The fused op's noise seeds are
-    :func:`~fused_vae.models.seeds.counter_seeds` keyed by ``derive_seed(seed, NOISE_TAG)``, the
-    dynamic binarization's keyed by ``derive_seed(seed, BINARIZE_TAG)``."""
-    noise_key, binarize_key = derive_seed(seed, NOISE_TAG), derive_seed(seed, BINARIZE_TAG)
-    return counter_seeds(noise_key, steps, micro_ids), counter_seeds(binarize_key, steps, micro_ids)
-
+    tensors of the broadcast shape (binarization None unless ``binarize``). The fused op's noise
+    seeds are :func:`~fused_vae.models.seeds.counter_seeds` keyed by ``derive_seed(seed,
+    NOISE_TAG)``, the dynamic binarization's keyed by ``derive_seed(seed, BINARIZE_TAG)``."""
+    noise = counter_seeds(derive_seed(seed, NOISE_TAG), steps, micro_ids)
+    return noise, counter_seeds(derive_seed(seed, BINARIZE_TAG), steps, micro_ids) if binarize else None

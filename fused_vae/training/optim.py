@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 
@@ -107,6 +108,18 @@ def make_scheduler(optimizer, *, total_steps: int, warmup_steps: int, schedule: 
     return FactorLR(optimizer, lambda step: lr_factor(step, **kwargs))
 
 
+class _FusedState(NamedTuple):
+    """What :class:`DirectAdam` gathers once: the kernel, the param group, the state lists, the
+    parameters' own step tensors and the shared step counter they follow."""
+
+    kernel: object
+    group: dict
+    exp_avgs: list
+    exp_avg_sqs: list
+    param_steps: list
+    counter: torch.Tensor
+
+
 class DirectAdam:
     """Applies a fused Adam/AdamW ``optimizer``'s update by calling torch's fused kernel on
     state lists gathered once, bypassing ``optimizer.step()``'s per-step wrappers (hooks,
@@ -158,16 +171,15 @@ class DirectAdam:
         kernel = getattr(torch, "_fused_adamw_" if decoupled else "_fused_adam_", None)
         if kernel is None:  # a torch without these (private) kernels: optimizer.step() always
             return None
-        counter = steps[0].clone()
-        return (kernel, g, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states], steps, counter,
-                [counter] * len(steps))
+        return _FusedState(kernel, g, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states], steps,
+                           steps[0].clone())
 
     def _sync_steps(self) -> None:
         """Writes the shared step counter into every parameter's ``step`` tensor."""
         if self._lists is not None:
             with torch.no_grad():
-                for s in self._lists[4]:
-                    s.copy_(self._lists[5])
+                for s in self._lists.param_steps:
+                    s.copy_(self._lists.counter)
 
     def _forget(self) -> None:
         self._lists = None
@@ -188,10 +200,10 @@ class DirectAdam:
             self.optimizer.step()
             self._lists = self._gather()
             return
-        kernel, g, exp_avgs, exp_avg_sqs, _, counter, shared_steps = self._lists
+        st, g = self._lists, self._lists.group
         beta1, beta2 = g["betas"]
         with torch.no_grad():
-            counter.add_(1)
-            kernel(self.params, grads, exp_avgs, exp_avg_sqs, [], shared_steps, amsgrad=False, lr=g["lr"],
-                   beta1=beta1, beta2=beta2, weight_decay=g["weight_decay"], eps=g["eps"], maximize=False,
-                   grad_scale=grad_scale, found_inf=None)
+            st.counter.add_(1)
+            st.kernel(self.params, grads, st.exp_avgs, st.exp_avg_sqs, [], [st.counter] * len(self.params),
+                      amsgrad=False, lr=g["lr"], beta1=beta1, beta2=beta2, weight_decay=g["weight_decay"],
+                      eps=g["eps"], maximize=False, grad_scale=grad_scale, found_inf=None)

@@ -38,7 +38,6 @@ class StatsWindow:
         # Views made once, so that a step creates no tensor to reach its row.
         self._batch_rows = self.rows[:, :len(BATCH_STATS)].unbind(0)
         self._norm_rows = self.rows[:, len(BATCH_STATS)].unbind(0)
-        self._rows = self.rows.unbind(0)
         self.start = self.end = self.checked = step
         self._bad: tuple[int, dict[str, float]] | None = None
 
@@ -77,9 +76,7 @@ class StatsWindow:
         """``(step, stats)`` of the first step with a NaN/Inf statistic since construction,
         or None (one host synchronisation, over the steps not checked before)."""
         if self._bad is None and self.end > self.checked:
-            last = (self.end - 1) % self.size
-            rows = self._rows[last] if self.end == self.checked + 1 else self.rows[self.checked % self.size:last + 1]
-            if math.isfinite(rows.sum().item()):
+            if math.isfinite(self.rows[self.checked % self.size:(self.end - 1) % self.size + 1].sum().item()):
                 self.checked = self.end
                 return None
             block = self._block(self.checked, self.end)

@@ -115,7 +115,8 @@ class CapturedStep:
         if self._graph is None:  # a CUDA graph's backward writes the same gradient buffers each replay
             self.optimizer.zero_grad(set_to_none=True)
         n_micro = self.idx.shape[0]
-        noise_seeds, binarize_seeds = step_seeds(cfg.seed, self.step_t, self.micro_ids)
+        noise_seeds, binarize_seeds = step_seeds(cfg.seed, self.step_t, self.micro_ids,
+                                                 binarize=cfg.binarize == "dynamic")
         beta = self.beta_t if cfg.kl_warmup_steps > 0 else float(cfg.beta)
         sums = None
         for a in range(n_micro):
