@@ -27,7 +27,6 @@ Memory, two ways:
 from __future__ import annotations
 
 import argparse
-import ctypes
 import datetime as _dt
 import statistics
 import sys
@@ -36,35 +35,16 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS_DIR, environment, time_calls, write_result  # noqa: E402
+from common import (  # noqa: E402
+    RESULTS_DIR,
+    environment,
+    mmap_large_allocations,
+    peak_rss_delta_bytes,
+    time_calls,
+    write_result,
+)
 
 import fused_vae.integrations.diffusers as fvd  # noqa: E402
-
-M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
-
-
-def mmap_large_allocations(threshold: int = 64 * 1024) -> bool:
-    """Makes glibc mmap (and on free, unmap) every allocation over ``threshold`` bytes."""
-    try:
-        return bool(ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, threshold))
-    except OSError:
-        return False
-
-
-def rss_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def peak_rss_delta_bytes(fn) -> int:
-    """Peak resident set during ``fn()`` above the resident set before it."""
-    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current VmRSS
-    before = rss_kib("VmRSS")
-    fn()
-    return (rss_kib("VmHWM") - before) * 1024
-
 
 def held_bytes(cls, params, generator) -> int:
     """Bytes kept alive between forward and backward beyond parameters and outputs."""

@@ -37,12 +37,14 @@ FV_INLINE void log_prob_tile(const LogProbArgs<scalar_t>& a, const TilePlan& pla
   const int64_t n = t.len;
   if (a.out_elem != nullptr) {
     scalar_t* __restrict out = a.out_elem + t.j0;
+    FV_IVDEP
     for (int64_t k = 0; k < n; ++k) {
       const acc_t l = clamp.apply(io::load(lv, k));
       io::store(out, k, log_prob_term(io::load(x, k), io::load(mu, k), l, op_exp(-l)));
     }
     return;
   }
+  FV_IVDEP
   for (int64_t k = 0; k < n; ++k) {
     const acc_t l = clamp.apply(io::load(lv, k));
     buf[k] = log_prob_term(io::load(x, k), io::load(mu, k), l, op_exp(-l));
@@ -72,7 +74,8 @@ FV_INLINE void log_prob_grad_tile(const LogProbGradArgs<scalar_t>& a, const Tile
   alignas(64) acc_t g[kTile];
   const int64_t n = t.len;
   if (a.grad_elem != nullptr) {
-    for (int64_t k = 0; k < n; ++k) g[k] = io::load(a.grad_elem + t.j0, k);
+    const scalar_t* __restrict ge = a.grad_elem + t.j0;
+    for (int64_t k = 0; k < n; ++k) g[k] = io::load(ge, k);
   } else if (a.grad_row != nullptr) {
     fill_rows(a.grad_row, t, plan.s.D, g);
   } else {
@@ -81,14 +84,17 @@ FV_INLINE void log_prob_grad_tile(const LogProbGradArgs<scalar_t>& a, const Tile
   const scalar_t* __restrict x = a.x + t.j0;
   const scalar_t* __restrict mu = a.mu + t.j0;
   const scalar_t* __restrict lv = a.lv + t.j0;
+  scalar_t* __restrict gx = a.grad_x + t.j0;
+  scalar_t* __restrict gmu = a.grad_mu + t.j0;
+  scalar_t* __restrict glv = a.grad_lv + t.j0;
   const ClampSpec clamp = a.clamp;
+  FV_IVDEP
   for (int64_t k = 0; k < n; ++k) {
     const acc_t raw = io::load(lv, k);
-    acc_t g_x, g_mu, g_lv;
-    log_prob_grads(io::load(x, k), io::load(mu, k), op_exp(-clamp.apply(raw)), g[k], g_x, g_mu, g_lv);
-    io::store(a.grad_x + t.j0, k, g_x);
-    io::store(a.grad_mu + t.j0, k, g_mu);
-    io::store(a.grad_lv + t.j0, k, clamp.passes(raw) ? g_lv : acc_t(0));
+    const Grad3<acc_t> d = log_prob_grads(io::load(x, k), io::load(mu, k), op_exp(-clamp.apply(raw)), g[k]);
+    io::store(gx, k, d.x);
+    io::store(gmu, k, d.mu);
+    io::store(glv, k, clamp.passes(raw) ? d.lv : acc_t(0));
   }
 }
 

@@ -77,6 +77,37 @@ struct FwdArgs {
   int64_t num_samples;
 };
 
+// The element loop of a forward tile with a prior or a log density: z, both KL terms and the
+// log density of one sample. The log-density kind is a template flag so that the loop
+// vectorises (GCC does not vectorise a select on a run-time flag here).
+template <typename scalar_t, bool kPrior, bool kRatio>
+FV_INLINE void terms_loop(const scalar_t* __restrict mu, const scalar_t* __restrict lv,
+                          const scalar_t* __restrict pm, const scalar_t* __restrict pl,
+                          const float* __restrict eps, scalar_t* __restrict z,
+                          at::opmath_type<scalar_t>* __restrict kl_buf, at::opmath_type<scalar_t>* __restrict lq_buf,
+                          const ClampSpec clamp, int64_t n) {
+  using acc_t = at::opmath_type<scalar_t>;
+  using io = Io<scalar_t>;
+  FV_IVDEP
+  for (int64_t k = 0; k < n; ++k) {
+    const acc_t m = io::load(mu, k);
+    const acc_t l = clamp.apply(io::load(lv, k));
+    const acc_t sd = op_exp(acc_t(0.5) * l);
+    const acc_t e = static_cast<acc_t>(eps[k]);
+    const acc_t zz = m + sd * e;
+    io::store(z, k, zz);
+    acc_t p_mu = 0, p_lv = 0, ipv = 1;
+    if (kPrior) {
+      p_mu = io::load(pm, k);
+      p_lv = clamp.apply(io::load(pl, k));
+      ipv = op_exp(-p_lv);
+    }
+    // Both terms every time (cheaper than a branch that keeps the loop from vectorising).
+    kl_buf[k] = kPrior ? kl_prior_term(m, l, sd, p_mu, p_lv, ipv) : kl_term(m, l, sd);
+    lq_buf[k] = logq_term(e, l, zz - p_mu, p_lv, ipv, kRatio);
+  }
+}
+
 // Forward of one tile for sample s; the KL is produced with sample 0.
 template <typename scalar_t, bool kPrior>
 FV_INLINE void forward_tile(const FwdArgs<scalar_t>& a, const TilePlan& plan, const Tile& t, int64_t s) {
@@ -114,25 +145,13 @@ FV_INLINE void forward_tile(const FwdArgs<scalar_t>& a, const TilePlan& plan, co
         const acc_t sd = op_exp(acc_t(0.5) * l);
         io::store(z, k, m + sd * static_cast<acc_t>(eps[k]));
       }
+    } else if (ratio) {
+      terms_loop<scalar_t, kPrior, true>(mu, lv, pm, pl, eps, z, kl_buf, lq_buf, clamp, n);
     } else {
-      for (int64_t k = 0; k < n; ++k) {
-        const acc_t m = io::load(mu, k);
-        const acc_t l = clamp.apply(io::load(lv, k));
-        const acc_t sd = op_exp(acc_t(0.5) * l);
-        const acc_t e = static_cast<acc_t>(eps[k]);
-        const acc_t zz = m + sd * e;
-        io::store(z, k, zz);
-        acc_t p_mu = 0, p_lv = 0, ipv = 1;
-        if (kPrior) {
-          p_mu = io::load(pm, k);
-          p_lv = clamp.apply(io::load(pl, k));
-          ipv = op_exp(-p_lv);
-        }
-        if (want_kl) kl_buf[k] = kPrior ? kl_prior_term(m, l, sd, p_mu, p_lv, ipv) : kl_term(m, l, sd);
-        if (want_lq) lq_buf[k] = logq_term(e, l, zz - p_mu, p_lv, ipv, ratio);
-      }
+      terms_loop<scalar_t, kPrior, false>(mu, lv, pm, pl, eps, z, kl_buf, lq_buf, clamp, n);
     }
   } else if (want_kl) {
+    FV_IVDEP
     for (int64_t k = 0; k < n; ++k) {
       const acc_t m = io::load(mu, k);
       const acc_t l = clamp.apply(io::load(lv, k));
@@ -335,6 +354,43 @@ FV_INLINE void backward_tile_plain(const BwdArgs<scalar_t>& a, const TilePlan& p
   }
 }
 
+// Where backward_tile_terms accumulates the log density's gradients, one array per input.
+template <typename acc_t>
+struct LogqGradBuffers {
+  acc_t* __restrict mu;
+  acc_t* __restrict lv;
+  acc_t* __restrict pm;
+  acc_t* __restrict pl;
+};
+
+// Adds one sample's log-density gradients (gw per element) to `out`; the kind is a template
+// flag so that the loop vectorises.
+template <typename scalar_t, bool kPrior, bool kRatio, bool kPath>
+FV_INLINE void logq_grads_loop(const scalar_t* __restrict mu, const scalar_t* __restrict pm,
+                               const float* __restrict eps, const at::opmath_type<scalar_t>* __restrict gw,
+                               const at::opmath_type<scalar_t>* __restrict sd,
+                               const at::opmath_type<scalar_t>* __restrict ipv,
+                               const LogqGradBuffers<at::opmath_type<scalar_t>>& out, int64_t n) {
+  using acc_t = at::opmath_type<scalar_t>;
+  using io = Io<scalar_t>;
+  acc_t* __restrict g_mu = out.mu;
+  acc_t* __restrict g_lv = out.lv;
+  acc_t* __restrict g_pm = out.pm;
+  acc_t* __restrict g_pl = out.pl;
+  FV_IVDEP
+  for (int64_t k = 0; k < n; ++k) {
+    const acc_t e = static_cast<acc_t>(eps[k]);
+    const acc_t zz = io::load(mu, k) + sd[k] * e;
+    const acc_t zp = kPrior ? zz - io::load(pm, k) : zz;
+    Grad4<acc_t> g;
+    add_logq_grads(g, gw[k], e, sd[k], zp, ipv[k], kRatio, kPath);
+    g_mu[k] += g.mu;
+    g_lv[k] += g.lv;
+    g_pm[k] += g.pm;
+    g_pl[k] += g.pl;
+  }
+}
+
 // The backward with a prior and/or a log density: per element, the z gradients summed over
 // the samples, each sample's log-density gradients, then the KL's.
 template <typename scalar_t, bool kPrior>
@@ -348,7 +404,7 @@ FV_INLINE void backward_tile_terms(const BwdArgs<scalar_t>& a, const TilePlan& p
   alignas(64) acc_t gw[kTile];
   alignas(64) acc_t sd_buf[kTile];
   alignas(64) acc_t ipv_buf[kTile];
-  Grad4<acc_t> lq[kTile];
+  alignas(64) acc_t lq_mu[kTile], lq_lv[kTile], lq_pm[kTile], lq_pl[kTile];  // log-density gradients
   const ClampSpec clamp = a.clamp;
   const int64_t n = t.len;
   const int64_t N = plan.s.N;
@@ -361,12 +417,13 @@ FV_INLINE void backward_tile_terms(const BwdArgs<scalar_t>& a, const TilePlan& p
   const scalar_t* __restrict lv = a.lv + t.j0;
   const scalar_t* __restrict pm = kPrior ? a.pm + t.j0 : nullptr;
   const scalar_t* __restrict pl = kPrior ? a.pl + t.j0 : nullptr;
+  FV_IVDEP
   for (int64_t k = 0; k < n; ++k) {
     sd_buf[k] = op_exp(acc_t(0.5) * clamp.apply(io::load(lv, k)));
     ipv_buf[k] = kPrior ? op_exp(-clamp.apply(io::load(pl, k))) : acc_t(1);
     gz_sum[k] = 0;
     gz_eps_sum[k] = 0;
-    lq[k] = Grad4<acc_t>();
+    lq_mu[k] = lq_lv[k] = lq_pm[k] = lq_pl[k] = 0;
   }
   if (a.grad_z != nullptr || a.grad_logq != nullptr) {
     for (int64_t s = 0; s < a.num_samples; ++s) {
@@ -374,6 +431,7 @@ FV_INLINE void backward_tile_terms(const BwdArgs<scalar_t>& a, const TilePlan& p
       const float* __restrict eps = stream_normals(a.seed, static_cast<uint64_t>(flat0), n, eps_buf);
       if (a.grad_z != nullptr) {
         const scalar_t* __restrict gz = a.grad_z + flat0;
+        FV_IVDEP
         for (int64_t k = 0; k < n; ++k) {
           const acc_t g = io::load(gz, k);
           gz_sum[k] += g;
@@ -382,17 +440,24 @@ FV_INLINE void backward_tile_terms(const BwdArgs<scalar_t>& a, const TilePlan& p
       }
       if (a.grad_logq != nullptr) {
         fill_rows(a.grad_logq + s * B, t, plan.s.D, gw);
-        for (int64_t k = 0; k < n; ++k) {
-          const acc_t e = static_cast<acc_t>(eps[k]);
-          const acc_t zz = io::load(mu, k) + sd_buf[k] * e;
-          const acc_t zp = kPrior ? zz - io::load(pm, k) : zz;
-          add_logq_grads(lq[k], gw[k], e, sd_buf[k], zp, ipv_buf[k], ratio, path);
+        LogqGradBuffers<acc_t> out{lq_mu, lq_lv, lq_pm, lq_pl};
+        if (ratio && path) {
+          logq_grads_loop<scalar_t, kPrior, true, true>(mu, pm, eps, gw, sd_buf, ipv_buf, out, n);
+        } else if (ratio) {
+          logq_grads_loop<scalar_t, kPrior, true, false>(mu, pm, eps, gw, sd_buf, ipv_buf, out, n);
+        } else if (path) {
+          logq_grads_loop<scalar_t, kPrior, false, true>(mu, pm, eps, gw, sd_buf, ipv_buf, out, n);
+        } else {
+          logq_grads_loop<scalar_t, kPrior, false, false>(mu, pm, eps, gw, sd_buf, ipv_buf, out, n);
         }
       }
     }
   }
   scalar_t* __restrict gmu = a.grad_mu + t.j0;
   scalar_t* __restrict glv = a.grad_lv + t.j0;
+  scalar_t* __restrict gpm = kPrior ? a.grad_pm + t.j0 : nullptr;
+  scalar_t* __restrict gpl = kPrior ? a.grad_pl + t.j0 : nullptr;
+  FV_IVDEP
   for (int64_t k = 0; k < n; ++k) {
     const acc_t m = io::load(mu, k);
     const acc_t raw = io::load(lv, k);
@@ -400,14 +465,14 @@ FV_INLINE void backward_tile_terms(const BwdArgs<scalar_t>& a, const TilePlan& p
     acc_t g_mu, g_lv;
     if (kPrior) {
       const Grad4<acc_t> kg = kl_prior_grads(m, sd, io::load(pm, k), ipv_buf[k], gkl[k]);
-      g_mu = gz_sum[k] + kg.mu + lq[k].mu;
-      g_lv = acc_t(0.5) * sd * gz_eps_sum[k] + kg.lv + lq[k].lv;
-      const acc_t g_pl = kg.pl + lq[k].pl;
-      io::store(a.grad_pm + t.j0, k, kg.pm + lq[k].pm);
-      io::store(a.grad_pl + t.j0, k, clamp.passes(io::load(pl, k)) ? g_pl : acc_t(0));
+      g_mu = gz_sum[k] + kg.mu + lq_mu[k];
+      g_lv = acc_t(0.5) * sd * gz_eps_sum[k] + kg.lv + lq_lv[k];
+      const acc_t g_pl = kg.pl + lq_pl[k];
+      io::store(gpm, k, kg.pm + lq_pm[k]);
+      io::store(gpl, k, clamp.passes(io::load(pl, k)) ? g_pl : acc_t(0));
     } else {
-      g_mu = gz_sum[k] + gkl[k] * m + lq[k].mu;
-      g_lv = grad_logvar_term(sd, gz_eps_sum[k], gkl[k]) + lq[k].lv;
+      g_mu = gz_sum[k] + gkl[k] * m + lq_mu[k];
+      g_lv = grad_logvar_term(sd, gz_eps_sum[k], gkl[k]) + lq_lv[k];
     }
     io::store(gmu, k, g_mu);
     io::store(glv, k, clamp.passes(raw) ? g_lv : acc_t(0));

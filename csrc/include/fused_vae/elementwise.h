@@ -119,22 +119,17 @@ FV_HD acc_t logq_term(acc_t eps, acc_t lv, acc_t zp, acc_t pl, acc_t ipv, bool r
 
 // Adds gw times one sample's log-density gradients with respect to (mu, lv, pm, pl) to g:
 // the total derivative through z = mu + std * eps (eps fixed), or with path = true the path
-// derivative (q's parameters held constant inside log q).
+// derivative (q's parameters held constant inside log q). Branch-free, so loops vectorise.
 template <typename acc_t>
 FV_HD void add_logq_grads(Grad4<acc_t>& g, acc_t gw, acc_t eps, acc_t std, acc_t zp, acc_t ipv, bool ratio,
                           bool path) {
-  acc_t c_mu = acc_t(0);
-  acc_t c_lv = path ? acc_t(-0.5) * eps * eps : acc_t(-0.5);
-  if (path) c_mu = -eps / std;
-  if (ratio) {
-    const acc_t r = zp * ipv;
-    c_mu += r;
-    c_lv += acc_t(0.5) * std * eps * r;
-    g.pm += gw * -r;
-    g.pl += gw * acc_t(0.5) * (acc_t(1) - zp * r);
-  }
+  const acc_t r = ratio ? zp * ipv : acc_t(0);
+  const acc_t c_mu = r - (path ? eps / std : acc_t(0));
+  const acc_t c_lv = (path ? acc_t(-0.5) * eps * eps : acc_t(-0.5)) + (ratio ? acc_t(0.5) * std * eps * r : acc_t(0));
   g.mu += gw * c_mu;
   g.lv += gw * c_lv;
+  g.pm -= gw * r;
+  g.pl += ratio ? gw * acc_t(0.5) * (acc_t(1) - zp * r) : acc_t(0);
 }
 
 // ---- log-density op ----------------------------------------------------------------------
@@ -147,12 +142,15 @@ FV_HD acc_t log_prob_term(acc_t x, acc_t mu, acc_t lv, acc_t ivar) {
 
 // Gradients of g * log_prob_term with respect to (x, mu, lv); ivar = exp(-lv).
 template <typename acc_t>
-FV_HD void log_prob_grads(acc_t x, acc_t mu, acc_t ivar, acc_t g, acc_t& g_x, acc_t& g_mu, acc_t& g_lv) {
+struct Grad3 {
+  acc_t x, mu, lv;
+};
+
+template <typename acc_t>
+FV_HD Grad3<acc_t> log_prob_grads(acc_t x, acc_t mu, acc_t ivar, acc_t g) {
   const acc_t d = x - mu;
   const acc_t r = d * ivar;
-  g_x = -g * r;
-  g_mu = g * r;
-  g_lv = g * acc_t(0.5) * (d * r - acc_t(1));
+  return {-g * r, g * r, g * acc_t(0.5) * (d * r - acc_t(1))};
 }
 
 }  // namespace fused_vae
