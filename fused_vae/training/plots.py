@@ -153,9 +153,17 @@ def _train_loss_lines(ax, records: list[dict], series) -> None:
     ax.plot(se, neg, "--", lw=1, label="train -ELBO")
 
 
+def layer_kl_keys(records: list[dict]) -> list[str]:
+    """The per-layer KL statistics (``kl_<layer>``) the training records of a hierarchical model hold."""
+    train = [r for r in records if r.get("kind") == "train"]
+    return [k for k in (train[-1] if train else {}) if k.startswith("kl_") and k != "kl_penalty"]
+
+
 def loss_curve_figure(records: list[dict]):
     """A matplotlib Figure (no pyplot state) of training loss and -ELBO, test -ELBO (and IWAE
-    NLL), reconstruction and KL against the optimizer step from the metric records."""
+    NLL), reconstruction and KL against the optimizer step from the metric records; for a
+    hierarchical model a third panel with each stochastic layer's KL (a layer whose KL stays
+    near 0 has collapsed onto its prior)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -164,9 +172,11 @@ def loss_curve_figure(records: list[dict]):
                if r.get("kind") == kind and isinstance(r.get(key), (int, float))]
         return [p[0] for p in pts], [p[1] for p in pts]
 
-    fig = Figure(figsize=(11, 4), dpi=100)
+    layers = layer_kl_keys(records)
+    fig = Figure(figsize=(16.5 if layers else 11, 4), dpi=100)
     FigureCanvasAgg(fig)
-    ax1, ax2 = fig.subplots(1, 2)
+    axes = fig.subplots(1, 3 if layers else 2)
+    ax1, ax2 = axes[0], axes[1]
     _train_loss_lines(ax1, records, series)
     s, v = series("eval", "test_elbo")
     ax1.plot(s, [-e for e in v], "o-", ms=2, label="test -ELBO")
@@ -189,6 +199,16 @@ def loss_curve_figure(records: list[dict]):
     ax2.set_title("reconstruction and KL")
     ax2.legend()
     ax2.grid(alpha=0.3)
+    if layers:
+        ax3 = axes[2]
+        for key in layers:
+            s, v = series("train", key)
+            ax3.plot(s, v, lw=1, label=f"layer {key[3:]}")
+        ax3.set_xlabel("step")
+        ax3.set_ylabel("nats per example")
+        ax3.set_title("train KL of each stochastic layer")
+        ax3.legend()
+        ax3.grid(alpha=0.3)
     fig.tight_layout()
     return fig
 

@@ -269,7 +269,8 @@ class Trainer:
             run.resumed = True
             if ctx.is_main:
                 print(f"resuming from step {run.step} (epoch {run.step / spe:g}) of {self.last_good[0]}", flush=True)
-        run.window = StatsWindow(device, cfg.log_every, divisor=cfg.grad_accum * ctx.world_size, step=run.step)
+        run.window = StatsWindow(device, cfg.log_every, divisor=cfg.grad_accum * ctx.world_size, step=run.step,
+                                 batch_stats=model.stat_names)
         if captured:
             try:
                 run.captured = CapturedStep(
