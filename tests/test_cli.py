@@ -113,6 +113,48 @@ def test_errors_are_clear_and_set_the_exit_status(tmp_path, capsys):
     assert code == 1 and "nothing.pt" in err
 
 
+@pytest.mark.parametrize("argv,expected", [
+    (["train", "--lr", "abc"], "fused-vae train: error: argument --lr: expected a number, got 'abc'"),
+    (["train", "--epochs", "2.5"], "argument --epochs: expected an integer, got '2.5'"),
+    (["train", "--hidden", "200", "x"], "argument --hidden: expected an integer, got 'x'"),
+    (["train", "--preset", "nope"], "argument --preset: invalid choice: 'nope' (choose from 'iwae-mnist')"),
+    (["train", "--data", "cifar"], "argument --data: invalid choice: 'cifar'"),
+    (["eval", "run", "--iwae-samples", "-1"], "fused-vae eval: error: argument --iwae-samples: expected an integer >= 0"),
+    (["sample", "run", "-n", "0"], "fused-vae sample: error: argument -n/--num: expected an integer >= 1, got '0'"),
+    (["sample", "run", "--seed", "one"], "argument --seed: expected an integer, got 'one'"),
+    (["nope"], "fused-vae: error: argument {train,eval,sample}: invalid choice: 'nope'"),
+    ([], "fused-vae: error: the following arguments are required: {train,eval,sample}"),
+])
+def test_bad_arguments_give_one_line_naming_the_argument(argv, expected, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    out, err = capsys.readouterr()
+    assert e.value.code == 2 and out == ""
+    assert len(err.splitlines()) == 1 and expected in err and err.rstrip().endswith("--help` lists the options)"), err
+
+
+def test_config_values_of_the_wrong_type_name_the_option_and_the_type(tmp_path, capsys):
+    for text, expected in (('epochs = "x"', "epochs must be an integer, got 'x'"),
+                           ("lr = true", "lr must be a number, got True"),
+                           ("hidden = [200, 1.5]", "hidden must be a list of integers, got [200, 1.5]"),
+                           ("logvar_clamp = [1.0]", "logvar_clamp must be a list of 2 numbers, got [1.0]"),
+                           ("progress = 1", "progress must be true or false, got 1")):
+        (tmp_path / "c.toml").write_text(text + "\n")
+        code, _, err = _run(capsys, "train", "--config", str(tmp_path / "c.toml"))
+        assert code == 2 and err == f"fused-vae train: error: {tmp_path / 'c.toml'}: {expected}\n"
+
+
+def test_version(capsys):
+    import torch
+
+    import fused_vae
+
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0
+    assert capsys.readouterr().out == f"fused-vae {fused_vae.__version__} (torch {torch.__version__}, Python {sys.version.split()[0]})\n"
+
+
 def test_help_and_messages_never_offer_none(capsys):
     with pytest.raises(SystemExit):
         main(["train", "--help"])
@@ -127,7 +169,7 @@ def test_resuming_a_finished_run_says_it_is_complete(tmp_path, capsys):
     before = (tmp_path / "r" / "metrics.jsonl").read_text()
     code, out, err = _run(capsys, "train", "--out-dir", str(tmp_path), "--name", "r", "--resume")
     assert code == 0, err
-    assert "is already complete (4 steps, 1 epochs)" in out and "done:" not in out and "test ELBO" in out
+    assert "is already complete (4 steps, 1 epoch)" in out and "done:" not in out and "test ELBO" in out
     assert (tmp_path / "r" / "metrics.jsonl").read_text() == before  # nothing rewritten
 
 
@@ -153,6 +195,25 @@ def test_ctrl_c_names_the_last_checkpoint_and_how_to_resume(tmp_path, capsys, mo
     code, _, err = _run(capsys, "train", "--resume", str(run))
     assert code == 0, err
     assert json.loads((run / "summary.json").read_text())["steps"] == 8
+
+
+def test_ctrl_c_before_the_first_checkpoint_says_a_plain_rerun_starts_over(tmp_path, capsys, monkeypatch):
+    from fused_vae.training.trainer import Trainer
+
+    def step(self, *a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Trainer, "_train_step", step)
+    argv = ["train", *TINY, "--epochs", "2", "--checkpoint-every", "2", "--out-dir", str(tmp_path), "--name", "r"]
+    code, out, err = _run(capsys, *argv)
+    assert code == 130
+    assert err == ("fused-vae train: interrupted at step 0 of 8. No checkpoint of this run was written yet (the first "
+                   "comes after 2 epochs, --checkpoint-every), so there is nothing to resume; run the same command "
+                   "again to start over.\n")
+    monkeypatch.undo()
+    code, _, err = _run(capsys, *argv)  # the same command, as the message says
+    assert code == 0, err
+    assert json.loads((tmp_path / "r" / "summary.json").read_text())["steps"] == 8
 
 
 def test_a_full_disk_while_saving_names_the_file_and_how_to_resume(tmp_path, capsys, monkeypatch):

@@ -46,6 +46,11 @@ class TrainingInterrupted(KeyboardInterrupt):
     """Ctrl-C during training; the message names the last checkpoint and the command that resumes."""
 
 
+def plural(n, noun: str) -> str:
+    """``n`` and ``noun``, with an ``s`` unless ``n`` is 1: ``"1 epoch"``, ``"2.5 epochs"``."""
+    return f"{n:g} {noun}{'' if n == 1 else 's'}"
+
+
 def _write_json(path: Path, obj: dict) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "w") as f:
@@ -458,9 +463,10 @@ class Trainer:
 
     def _interrupted_message(self, run: _Run) -> str:
         head = f"interrupted at step {run.step} of {run.total_steps}."
-        if self.last_good is None:
-            return (f"{head} No checkpoint was written yet (one is written every --checkpoint-every "
-                    f"{run.checkpoint_every} epochs); start again with --overwrite.")
+        if self.last_good is None:  # nothing to resume, and nothing that stops a new start (RunExistsError)
+            return (f"{head} No checkpoint of this run was written yet (the first comes after "
+                    f"{plural(run.checkpoint_every, 'epoch')}, --checkpoint-every), so there is nothing to resume; "
+                    "run the same command again to start over.")
         path, step = self.last_good
         return (f"{head} Last checkpoint: {path} (step {step}). Resume with: "
                 f"fused-vae train --resume {self.run_dir}")
