@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -46,6 +49,47 @@ def test_python_dash_m_entry_point():
     res = subprocess.run([sys.executable, "-m", "fused_vae", "--help"], cwd=REPO, capture_output=True, text=True,
                          timeout=120)
     assert res.returncode == 0 and "train" in res.stdout and "sample" in res.stdout
+
+
+def _start_command(*argv: str) -> subprocess.Popen:
+    """Starts the ``fused-vae`` console script as pip's wrapper runs it: pyproject's entry point
+    imported and called, in a new process."""
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib
+    target = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]["fused-vae"]
+    module, func = target.split(":")
+    code = f"import sys; from {module} import {func}; sys.exit({func}(sys.argv[1:]))"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.Popen([sys.executable, "-c", code, *argv], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def _interrupt(proc: subprocess.Popen) -> tuple[int, str, str]:
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    return proc.returncode, out, err
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="watches /proc/PID/maps (Linux)")
+def test_ctrl_c_while_torch_is_imported_is_one_line(tmp_path):
+    proc = _start_command("train", "--out-dir", str(tmp_path))
+    maps = Path(f"/proc/{proc.pid}/maps")
+    while proc.poll() is None and "libtorch" not in maps.read_text():  # torch's import has begun: seconds to go
+        time.sleep(0.002)
+    assert proc.poll() is None, proc.communicate()
+    code, out, err = _interrupt(proc)
+    assert (code, out, err) == (130, "", "fused-vae: interrupted\n")
+
+
+def test_ctrl_c_while_training_is_one_line_naming_the_checkpoint(tmp_path):
+    proc = _start_command("train", *TINY, "--epochs", "100000", "--out-dir", str(tmp_path), "--name", "r")
+    lines = [proc.stdout.readline() for _ in range(2)]  # the second evaluation comes after epoch 1's checkpoint
+    assert lines[1].startswith("step 8 (epoch 2): test ELBO"), "".join(lines) + proc.communicate()[1]
+    code, out, err = _interrupt(proc)
+    assert code == 130 and len(err.splitlines()) == 1, err
+    assert err.startswith("fused-vae train: interrupted at step ") and f"fused-vae train --resume {tmp_path / 'r'}" in err
 
 
 def test_train_eval_sample_and_resume(tmp_path, capsys):
@@ -214,6 +258,12 @@ def test_ctrl_c_before_the_first_checkpoint_says_a_plain_rerun_starts_over(tmp_p
     code, _, err = _run(capsys, *argv)  # the same command, as the message says
     assert code == 0, err
     assert json.loads((tmp_path / "r" / "summary.json").read_text())["steps"] == 8
+    monkeypatch.setattr(Trainer, "_train_step", step)  # --overwrite stopped before its first checkpoint:
+    code, _, err = _run(capsys, *argv, "--overwrite")  # the earlier run's last.pt is still there
+    last = tmp_path / "r" / "checkpoints" / "last.pt"
+    assert code == 130 and err == (f"fused-vae train: interrupted at step 0 of 8. {last} exists (written as the run "
+                                   "stopped, or by an earlier run); resume from it with: fused-vae train --resume "
+                                   f"{tmp_path / 'r'}, or start over with --overwrite.\n")
 
 
 def test_a_full_disk_while_saving_names_the_file_and_how_to_resume(tmp_path, capsys, monkeypatch):

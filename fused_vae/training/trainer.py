@@ -463,6 +463,10 @@ class Trainer:
 
     def _interrupted_message(self, run: _Run) -> str:
         head = f"interrupted at step {run.step} of {run.total_steps}."
+        last = self.ckpt_dir / "last.pt"
+        if self.last_good is None and last.exists():  # written just as Ctrl-C came, or by an earlier run
+            return (f"{head} {last} exists (written as the run stopped, or by an earlier run); resume from it with: "
+                    f"fused-vae train --resume {self.run_dir}, or start over with --overwrite.")
         if self.last_good is None:  # nothing to resume, and nothing that stops a new start (RunExistsError)
             return (f"{head} No checkpoint of this run was written yet (the first comes after "
                     f"{plural(run.checkpoint_every, 'epoch')}, --checkpoint-every), so there is nothing to resume; "
