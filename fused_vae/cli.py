@@ -133,6 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="importance samples decoded at once (default: the run's)")
     e.add_argument("--batch-size", type=arg_type(int, minimum=1), default=None,
                    help="evaluation batch size (default: the run's)")
+    e.add_argument("--max-test-examples", type=arg_type(int, minimum=1, words=("all",)), default=None, metavar="N",
+                   help="evaluate the first N test examples, or all (default: as many as the run used, its "
+                        "--max-test-examples)")
     e.add_argument("--data-path", default=None, metavar="PATH",
                    help="read the data from here instead of the path stored in the run's config")
     e.add_argument("--seed", type=arg_type(int), default=None, help="seed of the evaluation noise (default: the run's)")
@@ -158,6 +161,10 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", choices=("last", "best"), default="last",
                    help="which checkpoint of a run directory (default: last)")
     p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:N (default: auto)")
+    p.add_argument("--threads", type=arg_type(int, minimum=1), default=None, metavar="N",
+                   help="CPU threads for torch (default, as for train: 1 for models under 1M parameters, whose "
+                        "layers are too small to gain from threads and lose much on a busy machine; else torch's "
+                        "choice)")
 
 
 # -- train ----------------------------------------------------------------------------------
@@ -246,23 +253,30 @@ def _load_run(run: str, which: str, device: str):
 
 
 def _cmd_eval(ns) -> int:
+    import torch
+
     from .training.config import TrainConfig
     from .training.data import load_data
     from .training.distributed import DistContext
     from .training.evaluation import evaluate
+    from .training.trainer import default_threads, torch_threads
 
     ck, model, dev, _ = _load_run(ns.run, ns.checkpoint, ns.device)
     over = {"device": ns.device}
     if ns.data_path is not None:
         over["data_path"] = ns.data_path
+    if ns.max_test_examples is not None:
+        over["max_test_examples"] = None if ns.max_test_examples == "all" else ns.max_test_examples
     cfg = TrainConfig.from_dict({**ck["config"], **over}, source=f"{ns.run} (stored config)")
     data = load_data(cfg)
     k = cfg.iwae_samples if ns.iwae_samples is None else ns.iwae_samples
-    res = evaluate(model, data.test, batch_size=ns.batch_size or cfg.eval_batch_size,
-                   seed=cfg.seed if ns.seed is None else ns.seed, iwae_samples=k,
-                   iwae_chunk=ns.iwae_chunk or cfg.iwae_chunk, ctx=DistContext(device=dev),
-                   progress=sys.stderr.isatty())
-    res = {"checkpoint_step": ck["step"], "num_test": int(data.test.shape[0]), **res}
+    with torch_threads(default_threads(model, dev, ns.threads)):
+        res = evaluate(model, data.test, batch_size=ns.batch_size or cfg.eval_batch_size,
+                       seed=cfg.seed if ns.seed is None else ns.seed, iwae_samples=k,
+                       iwae_chunk=ns.iwae_chunk or cfg.iwae_chunk, ctx=DistContext(device=dev),
+                       progress=sys.stderr.isatty())
+        threads = torch.get_num_threads()
+    res = {"checkpoint_step": ck["step"], "num_test": int(data.test.shape[0]), **res, "threads": threads}
     text = json.dumps(res, indent=2)
     print(text)
     if ns.out:
@@ -275,10 +289,11 @@ def _cmd_sample(ns) -> int:
     import torch
 
     from .training.plots import save_image_grid
+    from .training.trainer import default_threads, torch_threads
 
     ck, model, dev, run_dir = _load_run(ns.run, ns.checkpoint, ns.device)
     vr = tuple(ck.get("data", {}).get("value_range", (0.0, 1.0)))
-    with torch.no_grad():
+    with torch.no_grad(), torch_threads(default_threads(model, dev, ns.threads)):
         if ns.mode == "mean":
             imgs = model.generate(ns.num, seed=ns.seed, device=dev)
         else:

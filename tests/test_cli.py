@@ -126,6 +126,78 @@ def test_train_eval_sample_and_resume(tmp_path, capsys):
     assert json.loads((moved / "summary.json").read_text())["steps"] == 12
 
 
+@pytest.fixture
+def torch_default_threads():
+    """torch's thread count set to 3 for the test (so that "torch's choice" is neither 1 nor 2), restored after."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)
+    yield 3
+    torch.set_num_threads(before)
+
+
+def _record_threads(monkeypatch, owner, name: str) -> list[int]:
+    """torch's thread count at each call of ``owner.name`` from now on."""
+    import torch
+
+    seen: list[int] = []
+    real = getattr(owner, name)
+
+    def spy(*a, **k):
+        seen.append(torch.get_num_threads())
+        return real(*a, **k)
+
+    monkeypatch.setattr(owner, name, spy)
+    return seen
+
+
+def test_eval_and_sample_pick_threads_the_way_train_does(tmp_path, capsys, monkeypatch, torch_default_threads):
+    import torch
+
+    from fused_vae.models.base import VAE
+    from fused_vae.training import evaluation
+
+    runs = {}
+    for name, hidden in (("small", "16"), ("big", "1024")):  # 4.8k and 2.2M parameters: below and above 1M
+        code, _, err = _run(capsys, "train", *TINY, "--hidden", hidden, hidden, "--epochs", "1", "--iwae-samples", "0",
+                            "--out-dir", str(tmp_path), "--name", name)
+        assert code == 0, err
+        runs[name] = tmp_path / name
+    train_threads = {k: json.loads((r / "config.json").read_text())["threads"] for k, r in runs.items()}
+    assert train_threads == {"small": 1, "big": torch_default_threads}
+
+    evals = _record_threads(monkeypatch, evaluation, "evaluate")
+    draws = _record_threads(monkeypatch, VAE, "generate")
+    for name, extra, want in (("small", (), 1), ("small", ("--threads", "2"), 2),
+                              ("big", (), torch_default_threads), ("big", ("--threads", "2"), 2)):
+        code, out, err = _run(capsys, "eval", str(runs[name]), "--iwae-samples", "2", *extra)
+        assert code == 0, err
+        assert evals[-1] == want and json.loads(out)["threads"] == want, (name, extra)
+        code, _, err = _run(capsys, "sample", str(runs[name]), "-n", "4", "--out", str(tmp_path / "s.png"), *extra)
+        assert code == 0 and draws[-1] == want, (name, extra, err)
+        assert torch.get_num_threads() == torch_default_threads  # restored
+
+
+def test_default_threads_rule():
+    from fused_vae.models import MLPVAE
+    from fused_vae.training.trainer import SMALL_MODEL_PARAMS, default_threads
+
+    small, big = MLPVAE((1, 8, 8), hidden=[16]), MLPVAE((1, 28, 28), hidden=[1024, 1024])
+    assert sum(p.numel() for p in small.parameters()) < SMALL_MODEL_PARAMS <= sum(p.numel() for p in big.parameters())
+    assert [default_threads(small, "cpu"), default_threads(big, "cpu"), default_threads(small, "cuda")] == [1, None, None]
+    assert default_threads(big, "cpu", 4) == default_threads(small, "cuda:0", 4) == 4
+
+
+def test_eval_uses_the_runs_max_test_examples_unless_told(tmp_path, capsys):
+    code, _, err = _run(capsys, "train", *TINY, "--epochs", "1", "--iwae-samples", "0", "--out-dir", str(tmp_path),
+                        "--name", "r")
+    assert code == 0, err
+    for extra, n in (((), 50), (("--max-test-examples", "20"), 20), (("--max-test-examples", "all"), 359)):
+        code, out, err = _run(capsys, "eval", str(tmp_path / "r"), "--iwae-samples", "0", *extra)
+        assert code == 0 and json.loads(out)["num_test"] == n, (extra, err)
+
+
 def test_config_file_and_flags(tmp_path, capsys):
     (tmp_path / "cfg.toml").write_text(f'epochs = 1\nlr = 0.01\nname = "fromfile"\nout_dir = "{tmp_path.as_posix()}"\n')
     code, _, err = _run(capsys, "train", "--config", str(tmp_path / "cfg.toml"), *TINY, "--lr", "0.005")
@@ -164,6 +236,9 @@ def test_errors_are_clear_and_set_the_exit_status(tmp_path, capsys):
     (["train", "--preset", "nope"], "argument --preset: invalid choice: 'nope' (choose from 'iwae-mnist')"),
     (["train", "--data", "cifar"], "argument --data: invalid choice: 'cifar'"),
     (["eval", "run", "--iwae-samples", "-1"], "fused-vae eval: error: argument --iwae-samples: expected an integer >= 0"),
+    (["eval", "run", "--threads", "0"], "argument --threads: expected an integer >= 1, got '0'"),
+    (["eval", "run", "--max-test-examples", "0"], "argument --max-test-examples: expected an integer >= 1 or 'all', got '0'"),
+    (["sample", "run", "--threads", "x"], "argument --threads: expected an integer >= 1, got 'x'"),
     (["sample", "run", "-n", "0"], "fused-vae sample: error: argument -n/--num: expected an integer >= 1, got '0'"),
     (["sample", "run", "--seed", "one"], "argument --seed: expected an integer, got 'one'"),
     (["nope"], "fused-vae: error: argument {train,eval,sample}: invalid choice: 'nope'"),

@@ -33,6 +33,28 @@ _DEVICE_DATA_LIMIT = 2 << 30
 SMALL_MODEL_PARAMS = 1_000_000
 
 
+def default_threads(model: torch.nn.Module, device, threads: int | None = None) -> int | None:
+    """The CPU thread count for running ``model`` on ``device``: ``threads`` when given; else 1 on a
+    CPU for a model under :data:`SMALL_MODEL_PARAMS` parameters (its layers are too small to gain
+    from threads, and lose much when other jobs share the cores); else None (torch's choice)."""
+    if threads:
+        return int(threads)
+    small = sum(p.numel() for p in model.parameters()) < SMALL_MODEL_PARAMS
+    return 1 if torch.device(device).type == "cpu" and small else None
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int | None):
+    """Runs the block with ``torch.set_num_threads(threads)`` (None: as it is) and restores the count."""
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 class NonFiniteLossError(RuntimeError):
     """The loss or gradient norm became NaN/Inf; the message names the step and the last
     good checkpoint (which is left untouched)."""
@@ -224,10 +246,9 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         model = build_model(spec, backend=cfg.backend).to(device)
         backend_name = backend_for(device, cfg.backend)
-        if cfg.threads:
-            torch.set_num_threads(cfg.threads)
-        elif device.type == "cpu" and sum(p.numel() for p in model.parameters()) < SMALL_MODEL_PARAMS:
-            torch.set_num_threads(1)
+        threads = default_threads(model, device, cfg.threads)
+        if threads:  # fit() restores the count
+            torch.set_num_threads(threads)
         # Dynamic binarization needs only each pixel's Bernoulli threshold, not the pixel itself.
         train_x = bernoulli_thresholds(data.train) if cfg.binarize == "dynamic" else data.train
         if device.type != "cpu" and train_x.numel() * 4 <= _DEVICE_DATA_LIMIT:
