@@ -529,18 +529,9 @@ class Trainer:
         return summary
 
     def _write_outputs(self, model, data: DataBundle, records: list[dict]) -> None:
-        from .plots import save_interpolation, save_loss_curves, save_reconstructions, save_samples
+        from .plots import save_loss_curves, save_run_images
 
-        model.eval()
-        device = next(model.parameters()).device
-        vr = data.value_range
-        test = data.test[:16].to(device)
-        save_reconstructions(model, test, self.run_dir / "reconstructions.png", value_range=vr)
-        save_samples(model, self.run_dir / "samples.png", n=64, seed=self.cfg.seed, value_range=vr)
-        n_pairs = min(4, data.test.shape[0] // 2)
-        pairs = [(data.test[2 * j].to(device), data.test[2 * j + 1].to(device)) for j in range(n_pairs)]
-        if pairs:
-            save_interpolation(model, pairs, self.run_dir / "interpolation.png", value_range=vr)
+        save_run_images(model, data, self.run_dir, seed=self.cfg.seed)
         save_loss_curves(records, self.run_dir / "loss_curves.png")
         model.train()
 
