@@ -13,6 +13,7 @@ import os
 import sys
 from pathlib import Path
 
+
 class _Parser(argparse.ArgumentParser):
     """An ArgumentParser whose errors are one line: the argument, what was expected, and where
     the options are listed (argparse's own prints the whole usage first)."""
@@ -217,13 +218,13 @@ def _cmd_train(ns) -> int:
 def _summary_text(s: dict) -> str:
     from .training.trainer import plural
 
-    done = f"{plural(s['steps'], 'step')}, {plural(s['epochs'], 'epoch')}"
+    steps, epochs = plural(s["steps"], "step"), plural(s["epochs"], "epoch")
     if s.get("already_complete"):
-        head = (f"{s['run_dir']} is already complete ({done}); nothing was "
+        head = (f"{s['run_dir']} is already complete ({steps}, {epochs}); nothing was "
                 f"trained. To train it further, resume with a larger --epochs; to evaluate it again: "
                 f"fused-vae eval {s['run_dir']} --iwae-samples K")
     else:
-        head = (f"done: {done} in {s['train_time_s']:.1f} s on {s['device']}"
+        head = (f"done: {steps} ({epochs}) in {s['train_time_s']:.1f} s on {s['device']}"
                 f" x{s['world_size']} (fused backend {s['fused_backend']}, amp {s['amp']})")
     objective = s.get("objective", "elbo")
     optimizer = f", optimizer {s['optimizer']}" if "optimizer" in s else ""

@@ -95,6 +95,7 @@ def test_ctrl_c_while_training_is_one_line_naming_the_checkpoint(tmp_path):
 def test_train_eval_sample_and_resume(tmp_path, capsys):
     code, out, _ = _run(capsys, "train", *TINY, "--epochs", "1", "--out-dir", str(tmp_path), "--name", "r")
     assert code == 0 and "test ELBO" in out and "test NLL (IWAE, k=10)" in out
+    assert "done: 4 steps (1 epoch) in " in out
     run = tmp_path / "r"
     assert (run / "samples.png").is_file()
 
