@@ -328,6 +328,11 @@ class TrainConfig:
              f"name must be a plain directory name, got {self.name!r}")
 
 
+# How a message names the value an option takes: (one value, several values).
+TYPE_NAMES = {int: ("an integer", "integers"), float: ("a number", "numbers"), str: ("a string", "strings"),
+              bool: ("true or false", "booleans")}
+
+
 def _coerce(f: dataclasses.Field, value: Any, source: str) -> Any:
     """Checks a config-file value against the field's type (ints may be given for floats).
 
@@ -355,10 +360,11 @@ def _coerce(f: dataclasses.Field, value: Any, source: str) -> Any:
         good = isinstance(value, (list, tuple)) and all(ok(v) for v in value)
         good = good and (len(value) == nargs if isinstance(nargs, int) else len(value) >= 1)
         if not good:
-            raise ConfigError(f"{source}: {f.name} must be a list of {typ.__name__}, got {value!r}")
+            count = f"{nargs} " if isinstance(nargs, int) else ""
+            raise ConfigError(f"{source}: {f.name} must be a list of {count}{TYPE_NAMES[typ][1]}, got {value!r}")
         return [typ(v) for v in value]
     if not ok(value):
-        raise ConfigError(f"{source}: {f.name} must be a {typ.__name__}, got {value!r}")
+        raise ConfigError(f"{source}: {f.name} must be {TYPE_NAMES[typ][0]}, got {value!r}")
     return typ(value)
 
 

@@ -136,6 +136,26 @@ def save_interpolation(model, pairs: list[tuple[torch.Tensor, torch.Tensor]], pa
                                  "posterior means")
 
 
+@torch.no_grad()
+def save_run_images(model, data, run_dir, *, seed: int = 0) -> dict[str, Path]:
+    """The image outputs of a training run in ``run_dir``, as :class:`~fused_vae.training.trainer.Trainer`
+    writes them: ``reconstructions.png`` (the first 16 test images of ``data``, a DataBundle),
+    ``samples.png`` (64 prior draws with ``seed``) and ``interpolation.png`` (test images 0 to 1,
+    2 to 3, 4 to 5, 6 to 7). Returns ``{file name: path}``; leaves ``model`` in eval mode."""
+    model.eval()
+    device = next(model.parameters()).device
+    run_dir = Path(run_dir)
+    vr = data.value_range
+    out = {"reconstructions.png": save_reconstructions(model, data.test[:16].to(device),
+                                                       run_dir / "reconstructions.png", value_range=vr),
+           "samples.png": save_samples(model, run_dir / "samples.png", n=64, seed=seed, value_range=vr)}
+    n_pairs = min(4, data.test.shape[0] // 2)
+    pairs = [(data.test[2 * j].to(device), data.test[2 * j + 1].to(device)) for j in range(n_pairs)]
+    if pairs:
+        out["interpolation.png"] = save_interpolation(model, pairs, run_dir / "interpolation.png", value_range=vr)
+    return out
+
+
 def _train_loss_lines(ax, records: list[dict], series) -> None:
     """Training loss and -ELBO on ``ax``: one line labelled "loss = -ELBO" where they coincide
     (the ELBO objective at beta = 1, no free bits), else both, -ELBO dashed so neither hides the other."""
