@@ -68,7 +68,8 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", choices=tuple(PRESETS), metavar="NAME",
                    help="start from a named option set; iwae-mnist: the IWAE paper's MNIST setup (784-200-200-50 "
                         "tanh, dynamic binarization, Adam eps 1e-4, batch 20, its 3280-epoch schedule, test NLL "
-                        f"with k = 5000). Choices: {', '.join(PRESETS)}")
+                        "with k = 5000); iwae-mnist-2layer: the same with its two-stochastic-layer net (model mlp2: "
+                        f"784-200-200-100-100-100-50, Gaussian p(h1|h2)). Choices: {', '.join(PRESETS)}")
     p.add_argument("--config", metavar="FILE",
                    help="TOML or JSON file of options (field names as below, with _ or -); command-line "
                         "options override it")

@@ -234,7 +234,7 @@ def test_errors_are_clear_and_set_the_exit_status(tmp_path, capsys):
     (["train", "--lr", "abc"], "fused-vae train: error: argument --lr: expected a number, got 'abc'"),
     (["train", "--epochs", "2.5"], "argument --epochs: expected an integer, got '2.5'"),
     (["train", "--hidden", "200", "x"], "argument --hidden: expected an integer, got 'x'"),
-    (["train", "--preset", "nope"], "argument --preset: invalid choice: 'nope' (choose from 'iwae-mnist')"),
+    (["train", "--preset", "nope"], "argument --preset: invalid choice: 'nope' (choose from 'iwae-mnist', 'iwae-mnist-2layer')"),
     (["train", "--data", "cifar"], "argument --data: invalid choice: 'cifar'"),
     (["eval", "run", "--iwae-samples", "-1"], "fused-vae eval: error: argument --iwae-samples: expected an integer >= 0"),
     (["eval", "run", "--threads", "0"], "argument --threads: expected an integer >= 1, got '0'"),
