@@ -2,7 +2,10 @@
 
 For each dtype (float32, bfloat16; float32 alone at the tiny size) and reduction
 (batchmean, per_sample, none) at one size (64M elements on a GPU), times ``fv.reparameterize_kl`` alone and followed by
-``torch.autograd.grad``, and reports the bytes each pass must move per second:
+``torch.autograd.grad``, and reports the bytes each pass must move per second; then, in
+float32, the other op families (``TERM_CASES``: the KL to a learned prior with its sample,
+a sample's ``log q - log p``, ``fv.gaussian_log_prob``), with issue 21's target (forward and
+backward at >= 80% of copy bandwidth):
 
     forward:           read mu, logvar; write z (and the KL when reduction='none')
     forward+backward:  the forward, then read grad_z, mu, logvar (and grad_kl when
@@ -41,6 +44,33 @@ def elements_moved(reduction: str) -> dict[str, int]:
     """Elements of mu's size each pass reads plus writes (the module docstring's model)."""
     kl = 1 if reduction == "none" else 0  # the elementwise KL out, and its gradient in
     return {"fwd": 3 + kl, "fwd_bwd": 8 + 2 * kl}
+
+
+# The other op families in float32 (issue 21's GPU target: fwd+bwd >= 80% of copy bandwidth):
+# (inputs of mu's size, elements moved by the forward, by forward+backward), per-row outputs
+# and their gradients ([B] or [1, B]) being negligible.
+TERM_CASES = {
+    # read mu, logvar, prior_mu, prior_logvar, write z; then read grad_z and the four, write four gradients
+    "prior_kl": (4, 5, 5 + 9),
+    # read mu, logvar, write z; then read grad_z, mu, logvar, write two gradients
+    "log_ratio": (2, 3, 3 + 5),
+    # read x, mu, logvar; then read them again and write three gradients
+    "log_prob": (3, 3, 3 + 6),
+}
+
+
+def term_fn(name: str, tensors, seed, backend: str):
+    """The timed forward of a TERM_CASES case: the outputs to differentiate."""
+    import fused_vae as fv
+
+    if name == "prior_kl":
+        mu, lv, pm, pl = tensors
+        return lambda: fv.reparameterize_kl(mu, lv, prior=(pm, pl), reduction="per_sample", seed=seed, backend=backend)
+    if name == "log_ratio":
+        mu, lv = tensors
+        return lambda: tuple(fv.sample_gaussian(mu, lv, log_density="ratio", seed=seed, backend=backend))[::2]
+    x, mu, lv = tensors
+    return lambda: (fv.gaussian_log_prob(x, mu, lv, backend=backend),)
 
 
 def main(argv=None) -> int:
@@ -119,6 +149,39 @@ def main(argv=None) -> int:
                 if args.out:  # partial results survive an interrupted run
                     write_result(Path(args.out), results)
             del mu, lv
+        for name, (n_inputs, moved_f, moved_fb) in TERM_CASES.items():
+            tensors = [(0.5 * torch.randn(size["shape"], device=dev, generator=g)).requires_grad_()
+                       for _ in range(n_inputs)]  # fmt: skip
+            fwd = term_fn(name, tensors, torch.tensor(3, device=dev), backend)
+            outs = fwd()
+            grads = [torch.randn(o.shape, device=dev, generator=g).to(o.dtype) for o in outs]
+
+            def fwd_bwd():
+                return torch.autograd.grad(fwd(), tensors, grads, allow_unused=True)
+
+            if args.profile:
+                with torch.no_grad():
+                    fwd()
+                fwd_bwd()
+                continue
+            with torch.no_grad():
+                t_f = time_calls({"fwd": fwd}, min_run_time=min_run_time)["fwd"]
+            t_fb = time_calls({"fwd_bwd": fwd_bwd}, min_run_time=min_run_time)["fwd_bwd"]
+            n = tensors[0].numel()
+            case = {"backend": backend, "dtype": "float32", "op": name, "shape": list(tensors[0].shape),
+                    "elements": n, "fwd": t_f, "fwd_bwd": t_fb}
+            for kind, t, moved in (("fwd", t_f, moved_f), ("fwd_bwd", t_fb, moved_fb)):
+                bw = moved * n * 4 / t["median_s"]
+                case[f"{kind}_bytes_per_s"] = bw
+                case[f"{kind}_fraction_of_copy"] = bw / copy_bw
+            results["cases"].append(case)
+            print(f"{backend:>6}  float32 {name:>10}: fwd {t_f['median_s'] * 1e6:9.1f} us "
+                  f"{100 * case['fwd_fraction_of_copy']:5.1f}% of copy, fwd+bwd {t_fb['median_s'] * 1e6:9.1f} us "
+                  f"{100 * case['fwd_bwd_fraction_of_copy']:5.1f}% of copy"
+                  f" [{'PASS' if case['fwd_bwd_fraction_of_copy'] >= 0.8 else 'MISS'} >= 80%]", flush=True)
+            if args.out:
+                write_result(Path(args.out), results)
+            del tensors
     if args.profile:
         if dev == "cuda":
             torch.cuda.synchronize()

@@ -40,6 +40,7 @@ from common import (  # noqa: E402
     environment,
     mmap_large_allocations,
     peak_rss_delta_bytes,
+    saved_bytes,
     time_calls,
     write_result,
 )
@@ -47,20 +48,16 @@ from common import (  # noqa: E402
 import fused_vae.integrations.diffusers as fvd  # noqa: E402
 
 def held_bytes(cls, params, generator) -> int:
-    """Bytes kept alive between forward and backward beyond parameters and outputs."""
-    saved = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+    """Bytes kept alive between forward and backward beyond parameters and outputs: the tensors
+    saved for backward and the posterior's tensor attributes."""
+    kept = {}
+
+    def forward():
         posterior = cls(params)
-        z = posterior.sample(generator=generator)
-        kl = posterior.kl()
-    held = saved + [v for v in vars(posterior).values() if isinstance(v, torch.Tensor)]
-    exclude = {t.untyped_storage().data_ptr() for t in (params, z, kl)}
-    storages = {}
-    for t in held:
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in exclude:
-            storages[storage.data_ptr()] = storage.nbytes()
-    return sum(storages.values())
+        kept["attributes"] = [v for v in vars(posterior).values() if isinstance(v, torch.Tensor)]
+        return posterior.sample(generator=generator), posterior.kl()
+
+    return saved_bytes(forward, [params], extra=lambda: kept["attributes"])
 
 
 def steps(cls, params, grad_z, grad_kl, seed):

@@ -224,17 +224,18 @@ def peak_rss_delta_bytes(fn) -> int:
     return (rss_kib("VmHWM") - before) * 1024
 
 
-def saved_bytes(fn, exclude) -> int:
+def saved_bytes(fn, exclude, extra=None) -> int:
     """Bytes of the distinct storages that autograd saves for backward while ``fn()`` runs
-    (``saved_tensors_hooks``), leaving out those of the tensors in ``exclude`` (the inputs,
-    which the caller holds anyway) and of ``fn``'s returned tensors."""
+    (``saved_tensors_hooks``) and of the tensors ``extra()`` names after it (e.g. attributes
+    kept alive), leaving out those of the tensors in ``exclude`` (the inputs, which the caller
+    holds anyway) and of ``fn``'s returned tensors."""
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         out = fn()
     outs = out if isinstance(out, (tuple, list)) else (out,)
     skip = {t.untyped_storage().data_ptr() for t in (*exclude, *outs) if isinstance(t, torch.Tensor)}
     storages = {}
-    for t in saved:
+    for t in saved + (list(extra()) if extra is not None else []):
         storage = t.untyped_storage()
         if storage.data_ptr() not in skip:
             storages[storage.data_ptr()] = storage.nbytes()

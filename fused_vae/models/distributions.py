@@ -84,16 +84,8 @@ class DiagonalGaussian:
     def sample_with_kl(self, *, seed=None, num_samples: int | None = None, reduction: str = "batchmean",
                        prior: DiagonalGaussian | None = None):
         """``(z, kl)`` in one fused pass: a sample as :meth:`sample` and the KL as :meth:`kl`."""
-        return api.reparameterize_kl(
-            self.mu,
-            self.logvar,
-            prior=_prior_pair(prior),
-            reduction=reduction,
-            seed=seed,
-            num_samples=num_samples,
-            logvar_clamp=self.logvar_clamp,
-            backend=self.backend,
-        )
+        z, kl, _ = self.sample_terms(seed=seed, num_samples=num_samples, kl=reduction, prior=prior)
+        return z, kl
 
     def sample_terms(self, *, seed=None, num_samples: int | None = None, kl: str | None = None,
                      log_density: str | None = None, prior: DiagonalGaussian | None = None,
