@@ -323,10 +323,10 @@ __global__ void __launch_bounds__(kThreads) reparam_kl_bwd_kernel(const BwdParam
           }
         }
         if constexpr (kLogq) {
-          const acc_t* gw_row = p.grad_logq + s * p.B + r0;
+          const acc_t* gw_row = p.grad_logq_bcast ? nullptr : p.grad_logq + s * p.B + r0;  // [S, B]
 #pragma unroll
           for (int k = 0; k < V; ++k) {
-            const acc_t gw = p.grad_logq_bcast ? gw_scalar : (k < cnt ? gw_row[dr[k]] : acc_t(0));
+            const acc_t gw = gw_row == nullptr ? gw_scalar : (k < cnt ? gw_row[dr[k]] : acc_t(0));
             const acc_t e = static_cast<acc_t>(eps[k]);
             const acc_t zz = m[k] + sd[k] * e;
             add_logq_grads(lq[k], gw, e, sd[k], zz - prior.pm[k], prior.ipv[k], ratio, path);
