@@ -32,7 +32,7 @@ import sys
 import time
 from dataclasses import dataclass
 
-# Tile sizes of the CUDA kernels (csrc/cuda/reparam_kl_launch.h): 1024 elements for
+# Tile sizes of the CUDA kernels (csrc/cuda/launch_common.h): 1024 elements for
 # float32 / float64, 2048 for 16-bit types; one block finishes alone when
 # tiles x samples <= 8.
 CUDA_SHAPES = [
