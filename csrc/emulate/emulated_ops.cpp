@@ -5,6 +5,7 @@
 #define FUSED_VAE_CUDA_EMULATE 1
 #include <torch/library.h>
 
+#include "../cuda/log_prob_cuda.cu"
 #include "../cuda/reparam_kl_cuda.cu"
 #include "fused_vae/schemas.h"
 
