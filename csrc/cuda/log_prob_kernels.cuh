@@ -92,9 +92,10 @@ __global__ void __launch_bounds__(kThreads)
     acc_t gx[V], gmu[V], glv[V];
 #pragma unroll
     for (int k = 0; k < V; ++k) {
-      acc_t g_lv;
-      log_prob_grads(x[k], m[k], op_exp(-p.clamp.apply(raw[k])), g[k], gx[k], gmu[k], g_lv);
-      glv[k] = p.clamp.passes(raw[k]) ? g_lv : acc_t(0);
+      const Grad3<acc_t> d = log_prob_grads(x[k], m[k], op_exp(-p.clamp.apply(raw[k])), g[k]);
+      gx[k] = d.x;
+      gmu[k] = d.mu;
+      glv[k] = p.clamp.passes(raw[k]) ? d.lv : acc_t(0);
     }
     store_chunk<T, V, kVec>(p.grad_x + j, 0, cnt, gx);
     store_chunk<T, V, kVec>(p.grad_mu + j, 0, cnt, gmu);
