@@ -212,7 +212,7 @@ def main(argv=None) -> int:
     p.add_argument("--min-run-time", type=float, default=2.0, help="seconds timed per implementation")
     p.add_argument("--rounds", type=int, default=5, help="peak-memory measurements per implementation")
     p.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
-    p.add_argument("--quick", action="store_true", help="small sizes, short runs, no result file")
+    p.add_argument("--quick", action="store_true", help="small sizes, short runs, no result file unless --out")
     p.add_argument("--out", type=Path, default=None, help="result file (default: results/<device>-terms-<date>.json)")
     args = p.parse_args(argv)
     device = torch.device(args.device)
@@ -243,7 +243,7 @@ def main(argv=None) -> int:
     for t, c in checks.items():
         for key, v in c.items():
             print(f"{'PASS' if v['met'] else 'MISS'} {t}: {key}: {v['measured']:.3g} (target {v['target']})")
-    if args.quick:
+    if args.quick and args.out is None:
         return 0
     payload = {
         "benchmark": "benchmarks/bench_terms.py",
