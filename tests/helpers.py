@@ -99,6 +99,22 @@ def check_math(z, kl, mu, lv, seed, reduction, num_samples=None, clamp=None):
         torch.testing.assert_close(kl.cpu().double(), expected, **REDUCED_KL_TOL[mu.dtype])
 
 
+EMPTY_SHAPES = [(0,), (0, 4), (3, 0)]
+
+
+def check_empty_reduced(got: torch.Tensor, shape, reduction: str) -> None:
+    """Asserts a reduced output of inputs of the empty ``shape`` (docs/design.md section 1):
+    empty or zeros per row, 0 for sum, NaN (0 / 0) for batchmean of B = 0, else 0."""
+    import math
+
+    expected = reduce64(torch.zeros(shape, dtype=torch.float64), reduction)
+    assert got.shape == expected.shape
+    if reduction == "batchmean" and shape[0] == 0:
+        assert math.isnan(got.item()), "0 / 0 like torch.mean of an empty tensor"
+    else:
+        torch.testing.assert_close(got.cpu().double(), expected)
+
+
 def misaligned(t: torch.Tensor, shift: int = 1) -> torch.Tensor:
     """A contiguous copy of t whose data pointer is ``shift`` elements past a 16-byte boundary
     (kernels with 16-byte vector accesses must take their scalar path for it)."""

@@ -161,12 +161,14 @@ def test_emulated_build_compiles_these_sources():
 
 
 def test_one_cuda_registration_per_op_family():
-    # Each family's glue registers its pair once (FV_CUDA_IMPL, cuda_glue.h: for CUDA
-    # tensors, or on the emulated device as cuda_emu_*); nothing else registers for CUDA.
+    # Each family's glue registers its pair once (FV_CUDA_IMPL, cuda_glue.h, over the shared
+    # FV_IMPL_OP_PAIR: for CUDA tensors, or on the emulated device as cuda_emu_*); nothing
+    # else registers for CUDA.
     impls = [s.name for s in SOURCES if re.search(r"TORCH_LIBRARY_IMPL\s*\(\s*fused_vae\s*,\s*CUDA", s.read_text())]
     assert impls == [], impls
     glue_header = (CUDA_DIR / "cuda_glue.h").read_text()
-    assert len(re.findall(r"TORCH_LIBRARY_IMPL\s*\(\s*fused_vae\s*,\s*CUDA", glue_header)) == 1
+    assert len(re.findall(r"FV_IMPL_OP_PAIR\(\s*CUDA\s*,", glue_header)) == 1
+    assert len(re.findall(r"FV_IMPL_OP_PAIR\(\s*CPU\s*,\s*\"cuda_emu_\"", glue_header)) == 1
     registered = {g: re.findall(r"^FV_CUDA_IMPL\((\w+),", (CUDA_DIR / g).read_text(), re.M) for g in GLUE}
     assert registered == {"log_prob_cuda.cu": ["gaussian_log_prob"], "reparam_kl_cuda.cu": ["reparam_kl"]}, registered
     assert not [s.name for s in SOURCES if s.name not in GLUE and "FV_CUDA_IMPL(" in s.read_text()]

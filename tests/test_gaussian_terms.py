@@ -15,11 +15,13 @@ import torch
 import fused_vae as fv
 from helpers import (
     DTYPES,
+    EMPTY_SHAPES,
     KL_TOL,
     LOG_DENSITY_TOL,
     REDUCED_KL_TOL,
     REDUCTIONS,
     Z_TOL,
+    check_empty_reduced,
     gradcheck_shape,
     is_simulated,
     make_inputs,
@@ -55,8 +57,10 @@ def check_terms(out, mu, lv, seed, prior, kl, log_density, num_samples, clamp=No
         torch.testing.assert_close(out.log_density.cpu().double(), want, **LOG_DENSITY_TOL[mu.dtype])
 
 
-def shapes_for(backend):
-    return SHAPES[:4] if is_simulated(backend) else SHAPES
+def inputs_per_shape(backend, dtype, seed):
+    """A pair of fresh inputs for each shape of SHAPES (the first four on the simulated devices)."""
+    shapes = SHAPES[:4] if is_simulated(backend) else SHAPES
+    return [make_inputs(shape, dtype, backend[1], seed=seed + i) for i, shape in enumerate(shapes)]
 
 
 # --------------------------------------------------------------------------- values
@@ -65,10 +69,8 @@ def shapes_for(backend):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("kl", REDUCTIONS)
 def test_prior_kl_and_log_densities_match_float64_math(backend, dtype, kl):
-    device = backend[1]
-    for i, shape in enumerate(shapes_for(backend)):
-        mu, lv = make_inputs(shape, dtype, device, seed=100 + i)
-        prior = make_inputs(shape, dtype, device, seed=200 + i)
+    for i, (mu, lv) in enumerate(inputs_per_shape(backend, dtype, 100)):
+        prior = make_inputs(mu.shape, dtype, backend[1], seed=200 + i)
         log_density = ("q", "ratio")[i % 2]
         num_samples = (None, 3)[(i // 2) % 2]
         out = sample(backend, mu, lv, prior, kl=kl, log_density=log_density, num_samples=num_samples, seed=7 + i)
@@ -83,10 +85,8 @@ def test_prior_kl_and_log_densities_match_float64_math(backend, dtype, kl):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_gaussian_log_prob_matches_float64_math(backend, dtype, reduction):
-    device = backend[1]
-    for i, shape in enumerate(shapes_for(backend)):
-        x, mu = make_inputs(shape, dtype, device, seed=300 + i)
-        lv = make_inputs(shape, dtype, device, seed=400 + i)[0]
+    for i, (x, mu) in enumerate(inputs_per_shape(backend, dtype, 300)):
+        lv = make_inputs(x.shape, dtype, backend[1], seed=400 + i)[0]
         lp = fv.gaussian_log_prob(x, mu, lv, reduction=reduction, backend=backend[0])
         want = reduce64(log_prob64(x, mu, lv)[1].detach(), reduction)
         assert lp.shape == want.shape
@@ -172,20 +172,15 @@ def test_agrees_with_torch_distributions(backend):
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_empty_inputs(backend, reduction):
     device = backend[1]
-    for shape in [(0,), (0, 4), (3, 0)]:
+    for shape in EMPTY_SHAPES:
         mu = torch.empty(shape, device=device)
         prior = (mu.clone(), mu.clone())
         out = sample(backend, mu, mu.clone(), prior, kl=reduction, log_density="ratio", num_samples=2, seed=1)
         assert out.z.shape == (2, *shape) and out.log_density.shape == (2, shape[0])
         assert not out.log_density.any()
-        lp = fv.gaussian_log_prob(mu, mu.clone(), mu.clone(), reduction=reduction, backend=backend[0])
-        for got in (out.kl, lp):
-            expected = reduce64(torch.zeros(shape, dtype=torch.float64), reduction)
-            assert got.shape == expected.shape
-            if reduction == "batchmean" and shape[0] == 0:
-                assert math.isnan(got.item()), "0 / 0 like torch.mean of an empty tensor"
-            else:
-                torch.testing.assert_close(got.cpu().double(), expected)
+        check_empty_reduced(out.kl, shape, reduction)
+        check_empty_reduced(fv.gaussian_log_prob(mu, mu.clone(), mu.clone(), reduction=reduction, backend=backend[0]),
+                            shape, reduction)
 
 
 def test_nan_and_inf_follow_ieee(backend):

@@ -146,6 +146,64 @@ FV_INLINE void fill_rows(const acc_t* row_values, const Tile& t, int64_t D, acc_
   }
 }
 
+// Loads/stores in the math type. bfloat16 goes through its bits so loops vectorise
+// (c10::BFloat16's own conversions branch on NaN).
+template <typename scalar_t>
+struct Io {
+  using acc_t = at::opmath_type<scalar_t>;
+  static FV_INLINE acc_t load(const scalar_t* p, int64_t k) { return static_cast<acc_t>(p[k]); }
+  static FV_INLINE void store(scalar_t* p, int64_t k, acc_t v) { p[k] = static_cast<scalar_t>(v); }
+};
+
+template <>
+struct Io<at::BFloat16> {
+  static FV_INLINE float load(const at::BFloat16* p, int64_t k) {
+    return bits_float(static_cast<uint32_t>(reinterpret_cast<const uint16_t*>(p)[k]) << 16);
+  }
+  static FV_INLINE void store(at::BFloat16* p, int64_t k, float v) {
+    const uint32_t u = float_bits(v);
+    const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;  // round to nearest even
+    reinterpret_cast<uint16_t*>(p)[k] = static_cast<uint16_t>(v != v ? 0x7FC0u : rounded);
+  }
+};
+
+// The incoming gradient of a reduced output, spread over a tile's elements: elementwise values
+// (reduction "none"), a value per row (per_sample), or one value (sum; batchmean divided by B);
+// zeros when the gradient is absent.
+template <typename scalar_t>
+struct ReducedGradIn {
+  using acc_t = at::opmath_type<scalar_t>;
+  const scalar_t* elem = nullptr;
+  const acc_t* row = nullptr;
+  acc_t scalar = 0;
+
+  ReducedGradIn() = default;  // an absent gradient
+  // From the gradient tensor (contiguous, or undefined when absent) of an output of `mode`.
+  ReducedGradIn(const at::Tensor& grad, int64_t mode, int64_t batch) {
+    if (!grad.defined()) return;
+    if (mode == kReduceElementwise) {
+      elem = grad.const_data_ptr<scalar_t>();
+    } else if (mode == kReducePerSample) {
+      row = grad.const_data_ptr<acc_t>();
+    } else if (grad.numel() > 0) {
+      scalar = grad.item<acc_t>();
+      if (mode == kReduceBatchMean) scalar /= static_cast<acc_t>(batch);
+    }
+  }
+
+  FV_INLINE void spread(const TilePlan& plan, const Tile& t, acc_t* out) const {
+    const int64_t n = t.len;
+    if (elem != nullptr) {
+      const scalar_t* __restrict g = elem + t.j0;
+      for (int64_t k = 0; k < n; ++k) out[k] = Io<scalar_t>::load(g, k);
+    } else if (row != nullptr) {
+      fill_rows(row, t, plan.s.D, out);
+    } else {
+      for (int64_t k = 0; k < n; ++k) out[k] = scalar;
+    }
+  }
+};
+
 // Where a reduced output's row sums go: straight into the output for per_sample, else into
 // a [B] buffer that step 4 totals; chunk partials when rows are split.
 template <typename acc_t>
@@ -179,30 +237,6 @@ struct RowSums {
     if (mode != kReducePerSample) *out.mutable_data_ptr<acc_t>() = total_of_rows(rows, nrows, mode);
   }
 };
-
-// Loads/stores in the math type. bfloat16 goes through its bits so loops vectorise
-// (c10::BFloat16's own conversions branch on NaN).
-template <typename scalar_t>
-struct Io {
-  using acc_t = at::opmath_type<scalar_t>;
-  static FV_INLINE acc_t load(const scalar_t* p, int64_t k) { return static_cast<acc_t>(p[k]); }
-  static FV_INLINE void store(scalar_t* p, int64_t k, acc_t v) { p[k] = static_cast<scalar_t>(v); }
-};
-
-template <>
-struct Io<at::BFloat16> {
-  static FV_INLINE float load(const at::BFloat16* p, int64_t k) {
-    return bits_float(static_cast<uint32_t>(reinterpret_cast<const uint16_t*>(p)[k]) << 16);
-  }
-  static FV_INLINE void store(at::BFloat16* p, int64_t k, float v) {
-    const uint32_t u = float_bits(v);
-    const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;  // round to nearest even
-    reinterpret_cast<uint16_t*>(p)[k] = static_cast<uint16_t>(v != v ? 0x7FC0u : rounded);
-  }
-};
-
-// A contiguous copy (or the tensor itself) of an optional input; undefined when absent.
-inline at::Tensor contiguous_or_none(const OptTensor& t) { return given(t) ? t->contiguous() : at::Tensor(); }
 
 template <typename scalar_t>
 const scalar_t* data_or_null(const at::Tensor& t) {

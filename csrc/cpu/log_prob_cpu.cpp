@@ -14,16 +14,35 @@ namespace fused_vae {
 namespace cpu {
 namespace {
 
+// What a tile of either direction reads and writes (the fields of the other direction unused).
 template <typename scalar_t>
 struct LogProbArgs {
   using acc_t = at::opmath_type<scalar_t>;
   const scalar_t* x;
   const scalar_t* mu;
   const scalar_t* lv;
+  ClampSpec clamp;
+  // forward
   scalar_t* out_elem;     // reduction "none", else null
   RowSums<acc_t>* rows;   // reduced outputs, else null
-  ClampSpec clamp;
+  // backward
+  ReducedGradIn<scalar_t> grad;
+  scalar_t* grad_x;
+  scalar_t* grad_mu;
+  scalar_t* grad_lv;
 };
+
+// The arguments with the inputs and the clamp set, every output pointer null.
+template <typename scalar_t>
+LogProbArgs<scalar_t> inputs_of(const at::Tensor& x, const at::Tensor& mu, const at::Tensor& logvar,
+                                c10::optional<double> clamp_lo, c10::optional<double> clamp_hi) {
+  LogProbArgs<scalar_t> a{};
+  a.x = x.const_data_ptr<scalar_t>();
+  a.mu = mu.const_data_ptr<scalar_t>();
+  a.lv = logvar.const_data_ptr<scalar_t>();
+  a.clamp = make_clamp(clamp_lo, clamp_hi);
+  return a;
+}
 
 template <typename scalar_t>
 FV_INLINE void log_prob_tile(const LogProbArgs<scalar_t>& a, const TilePlan& plan, const Tile& t) {
@@ -53,34 +72,12 @@ FV_INLINE void log_prob_tile(const LogProbArgs<scalar_t>& a, const TilePlan& pla
 }
 
 template <typename scalar_t>
-struct LogProbGradArgs {
-  using acc_t = at::opmath_type<scalar_t>;
-  const scalar_t* grad_elem;  // reduction "none", else null
-  const acc_t* grad_row;      // per_sample, else null
-  acc_t grad_scalar;          // sum / batchmean (divided by B)
-  const scalar_t* x;
-  const scalar_t* mu;
-  const scalar_t* lv;
-  scalar_t* grad_x;
-  scalar_t* grad_mu;
-  scalar_t* grad_lv;
-  ClampSpec clamp;
-};
-
-template <typename scalar_t>
-FV_INLINE void log_prob_grad_tile(const LogProbGradArgs<scalar_t>& a, const TilePlan& plan, const Tile& t) {
+FV_INLINE void log_prob_grad_tile(const LogProbArgs<scalar_t>& a, const TilePlan& plan, const Tile& t) {
   using acc_t = at::opmath_type<scalar_t>;
   using io = Io<scalar_t>;
   alignas(64) acc_t g[kTile];
   const int64_t n = t.len;
-  if (a.grad_elem != nullptr) {
-    const scalar_t* __restrict ge = a.grad_elem + t.j0;
-    for (int64_t k = 0; k < n; ++k) g[k] = io::load(ge, k);
-  } else if (a.grad_row != nullptr) {
-    fill_rows(a.grad_row, t, plan.s.D, g);
-  } else {
-    for (int64_t k = 0; k < n; ++k) g[k] = a.grad_scalar;
-  }
+  a.grad.spread(plan, t, g);
   const scalar_t* __restrict x = a.x + t.j0;
   const scalar_t* __restrict mu = a.mu + t.j0;
   const scalar_t* __restrict lv = a.lv + t.j0;
@@ -105,11 +102,11 @@ FV_INLINE void log_prob_grad_tile(const LogProbGradArgs<scalar_t>& a, const Tile
   inline void log_prob_tile_dispatch(const LogProbArgs<scalar_t>& a, const TilePlan& plan, const Tile& t) {  \
     log_prob_tile_##suffix(a, plan, t);                                                                       \
   }                                                                                                           \
-  FV_CLONES void log_prob_grad_tile_##suffix(const LogProbGradArgs<scalar_t>& a, const TilePlan& plan,       \
+  FV_CLONES void log_prob_grad_tile_##suffix(const LogProbArgs<scalar_t>& a, const TilePlan& plan,       \
                                              const Tile& t) {                                                 \
     log_prob_grad_tile<scalar_t>(a, plan, t);                                                                 \
   }                                                                                                           \
-  inline void log_prob_grad_tile_dispatch(const LogProbGradArgs<scalar_t>& a, const TilePlan& plan,          \
+  inline void log_prob_grad_tile_dispatch(const LogProbArgs<scalar_t>& a, const TilePlan& plan,          \
                                           const Tile& t) {                                                    \
     log_prob_grad_tile_##suffix(a, plan, t);                                                                  \
   }
@@ -118,8 +115,7 @@ FV_LOG_PROB_TILES(double, f64)
 FV_LOG_PROB_TILES(at::Half, f16)
 FV_LOG_PROB_TILES(at::BFloat16, bf16)
 
-at::Tensor log_prob_fwd_cpu(const at::Tensor& x_in, const at::Tensor& mu_in, const at::Tensor& logvar_in,
-                            int64_t reduction, c10::optional<double> clamp_lo, c10::optional<double> clamp_hi) {
+at::Tensor log_prob_fwd_cpu(FV_LOG_PROB_FWD_ARGS) {
   check_log_prob(x_in, mu_in, logvar_in, reduction);
   const at::Tensor x = x_in.contiguous();
   const at::Tensor mu = mu_in.contiguous();
@@ -131,13 +127,9 @@ at::Tensor log_prob_fwd_cpu(const at::Tensor& x_in, const at::Tensor& mu_in, con
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "gaussian_log_prob_fwd_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     RowSums<acc_t> rows(out, reduction, shape.B, plan, acc_options);
-    LogProbArgs<scalar_t> a;
-    a.x = x.const_data_ptr<scalar_t>();
-    a.mu = mu.const_data_ptr<scalar_t>();
-    a.lv = logvar.const_data_ptr<scalar_t>();
+    LogProbArgs<scalar_t> a = inputs_of<scalar_t>(x, mu, logvar, clamp_lo, clamp_hi);
     a.out_elem = reduction == kReduceElementwise ? out.mutable_data_ptr<scalar_t>() : nullptr;
     a.rows = RowSums<acc_t>::is_reduced(reduction) ? &rows : nullptr;
-    a.clamp = make_clamp(clamp_lo, clamp_hi);
     at::parallel_for(0, plan.num_tiles, grain_tiles(plan), [&](int64_t begin, int64_t end) {
       for (int64_t t = begin; t < end; ++t) log_prob_tile_dispatch(a, plan, plan.tile(t));
     });
@@ -146,13 +138,8 @@ at::Tensor log_prob_fwd_cpu(const at::Tensor& x_in, const at::Tensor& mu_in, con
   return out;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> log_prob_bwd_cpu(const OptTensor& grad_in, const at::Tensor& x_in,
-                                                                const at::Tensor& mu_in, const at::Tensor& logvar_in,
-                                                                int64_t reduction, c10::optional<double> clamp_lo,
-                                                                c10::optional<double> clamp_hi) {
-  check_log_prob(x_in, mu_in, logvar_in, reduction);
-  check_grad("log_prob", grad_in, nullptr, reduced_numel(x_in, reduction), reduced_dtype(x_in, reduction), x_in,
-             "x");
+LogProbGrads log_prob_bwd_cpu(FV_LOG_PROB_BWD_ARGS) {
+  check_log_prob_bwd(grad_in, x_in, mu_in, logvar_in, reduction);
   const at::Tensor x = x_in.contiguous();
   const at::Tensor mu = mu_in.contiguous();
   const at::Tensor logvar = logvar_in.contiguous();
@@ -170,21 +157,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> log_prob_bwd_cpu(const OptTensor&
   const TilePlan plan(shape);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "gaussian_log_prob_bwd_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    LogProbGradArgs<scalar_t> a;
-    a.grad_elem = reduction == kReduceElementwise ? grad.const_data_ptr<scalar_t>() : nullptr;
-    a.grad_row = reduction == kReducePerSample ? grad.const_data_ptr<acc_t>() : nullptr;
-    a.grad_scalar = 0;
-    if (reduction >= kReduceSum && shape.N > 0) {
-      a.grad_scalar = grad.item<acc_t>();
-      if (reduction == kReduceBatchMean) a.grad_scalar /= static_cast<acc_t>(shape.B);
-    }
-    a.x = x.const_data_ptr<scalar_t>();
-    a.mu = mu.const_data_ptr<scalar_t>();
-    a.lv = logvar.const_data_ptr<scalar_t>();
+    LogProbArgs<scalar_t> a = inputs_of<scalar_t>(x, mu, logvar, clamp_lo, clamp_hi);
+    a.grad = ReducedGradIn<scalar_t>(grad, reduction, shape.B);
     a.grad_x = grad_x.mutable_data_ptr<scalar_t>();
     a.grad_mu = grad_mu.mutable_data_ptr<scalar_t>();
     a.grad_lv = grad_lv.mutable_data_ptr<scalar_t>();
-    a.clamp = make_clamp(clamp_lo, clamp_hi);
     at::parallel_for(0, plan.num_tiles, grain_tiles(plan), [&](int64_t begin, int64_t end) {
       for (int64_t t = begin; t < end; ++t) log_prob_grad_tile_dispatch(a, plan, plan.tile(t));
     });
@@ -195,9 +172,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> log_prob_bwd_cpu(const OptTensor&
 }  // namespace
 }  // namespace cpu
 
-TORCH_LIBRARY_IMPL(fused_vae, CPU, m) {
-  m.impl("gaussian_log_prob_fwd", &cpu::log_prob_fwd_cpu);
-  m.impl("gaussian_log_prob_bwd", &cpu::log_prob_bwd_cpu);
-}
+FV_IMPL_OP_PAIR(CPU, "", gaussian_log_prob, cpu::log_prob_fwd_cpu, cpu::log_prob_bwd_cpu)
 
 }  // namespace fused_vae

@@ -205,10 +205,7 @@ uint64_t read_seed(const at::Tensor& seed) {
   return static_cast<uint64_t>(seed.item<int64_t>());
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> reparam_kl_fwd_cpu(
-    const at::Tensor& mu_in, const at::Tensor& logvar_in, const OptTensor& prior_mu_in,
-    const OptTensor& prior_logvar_in, const at::Tensor& seed, int64_t num_samples, int64_t kl_mode,
-    int64_t logq_mode, c10::optional<double> clamp_lo, c10::optional<double> clamp_hi) {
+ReparamKlOutputs reparam_kl_fwd_cpu(FV_REPARAM_KL_FWD_ARGS) {
   check_reparam(mu_in, logvar_in, prior_mu_in, prior_logvar_in, seed, num_samples, kl_mode, logq_mode);
   const at::Tensor mu = mu_in.contiguous();
   const at::Tensor logvar = logvar_in.contiguous();
@@ -256,10 +253,7 @@ template <typename scalar_t>
 struct BwdArgs {
   using acc_t = at::opmath_type<scalar_t>;
   const scalar_t* grad_z;        // [S, N] or null
-  const scalar_t* grad_kl_elem;  // [N] or null
-  const acc_t* grad_kl_row;      // [B] or null
-  acc_t grad_kl_scalar;          // used when kl_mode is sum / batchmean
-  bool has_grad_kl;
+  ReducedGradIn<scalar_t> grad_kl;
   const acc_t* grad_logq;  // [S, B] or null
   int64_t logq_mode;
   const scalar_t* mu;
@@ -275,37 +269,26 @@ struct BwdArgs {
   int64_t num_samples;
 };
 
-// grad_kl of each element of the tile.
-template <typename scalar_t>
-FV_INLINE void tile_grad_kl(const BwdArgs<scalar_t>& a, const TilePlan& plan, const Tile& t,
-                            at::opmath_type<scalar_t>* gkl) {
-  using io = Io<scalar_t>;
-  const int64_t n = t.len;
-  if (!a.has_grad_kl) {
-    for (int64_t k = 0; k < n; ++k) gkl[k] = 0;
-  } else if (a.grad_kl_elem != nullptr) {
-    const scalar_t* __restrict g = a.grad_kl_elem + t.j0;
-    for (int64_t k = 0; k < n; ++k) gkl[k] = io::load(g, k);
-  } else if (a.grad_kl_row != nullptr) {
-    fill_rows(a.grad_kl_row, t, plan.s.D, gkl);
-  } else {
-    for (int64_t k = 0; k < n; ++k) gkl[k] = a.grad_kl_scalar;
-  }
-}
+// The buffers of every backward tile: the noise, the sums of grad_z and of grad_z * eps over
+// the samples, and grad_kl of each element.
+template <typename acc_t>
+struct BwdTileBuffers {
+  alignas(64) float eps[kTile + 8];
+  alignas(64) acc_t gz_sum[kTile];
+  alignas(64) acc_t gz_eps_sum[kTile];
+  alignas(64) acc_t gkl[kTile];
+};
 
 // The backward of the sampling op without a prior and without a log density.
 template <typename scalar_t>
 FV_INLINE void backward_tile_plain(const BwdArgs<scalar_t>& a, const TilePlan& plan, const Tile& t) {
   using acc_t = at::opmath_type<scalar_t>;
   using io = Io<scalar_t>;
-  alignas(64) float eps_buf[kTile + 8];
-  alignas(64) acc_t gz_sum[kTile];
-  alignas(64) acc_t gz_eps_sum[kTile];
-  alignas(64) acc_t gkl[kTile];
+  BwdTileBuffers<acc_t> b;
   const ClampSpec clamp = a.clamp;
   const int64_t n = t.len;
   const int64_t N = plan.s.N;
-  tile_grad_kl(a, plan, t, gkl);
+  a.grad_kl.spread(plan, t, b.gkl);
 
   const scalar_t* __restrict mu = a.mu + t.j0;
   const scalar_t* __restrict lv = a.lv + t.j0;
@@ -313,7 +296,7 @@ FV_INLINE void backward_tile_plain(const BwdArgs<scalar_t>& a, const TilePlan& p
   scalar_t* __restrict glv = a.grad_lv + t.j0;
   if (a.grad_z != nullptr && a.num_samples == 1) {
     // One sample: a single pass, no accumulators.
-    const float* __restrict eps = stream_normals(a.seed, static_cast<uint64_t>(t.j0), n, eps_buf);
+    const float* __restrict eps = stream_normals(a.seed, static_cast<uint64_t>(t.j0), n, b.eps);
     const scalar_t* __restrict gz = a.grad_z + t.j0;
     for (int64_t k = 0; k < n; ++k) {
       const acc_t m = io::load(mu, k);
@@ -321,25 +304,25 @@ FV_INLINE void backward_tile_plain(const BwdArgs<scalar_t>& a, const TilePlan& p
       const acc_t l = clamp.apply(raw);
       const acc_t sd = op_exp(acc_t(0.5) * l);
       const acc_t g = io::load(gz, k);
-      io::store(gmu, k, g + gkl[k] * m);
-      const acc_t gl = grad_logvar_term(sd, g * static_cast<acc_t>(eps[k]), gkl[k]);
+      io::store(gmu, k, g + b.gkl[k] * m);
+      const acc_t gl = grad_logvar_term(sd, g * static_cast<acc_t>(eps[k]), b.gkl[k]);
       io::store(glv, k, clamp.passes(raw) ? gl : acc_t(0));
     }
     return;
   }
   for (int64_t k = 0; k < n; ++k) {
-    gz_sum[k] = 0;
-    gz_eps_sum[k] = 0;
+    b.gz_sum[k] = 0;
+    b.gz_eps_sum[k] = 0;
   }
   if (a.grad_z != nullptr) {
     for (int64_t s = 0; s < a.num_samples; ++s) {
       const int64_t flat0 = s * N + t.j0;
-      const float* __restrict eps = stream_normals(a.seed, static_cast<uint64_t>(flat0), n, eps_buf);
+      const float* __restrict eps = stream_normals(a.seed, static_cast<uint64_t>(flat0), n, b.eps);
       const scalar_t* __restrict gz = a.grad_z + flat0;
       for (int64_t k = 0; k < n; ++k) {
         const acc_t g = io::load(gz, k);
-        gz_sum[k] += g;
-        gz_eps_sum[k] += g * static_cast<acc_t>(eps[k]);
+        b.gz_sum[k] += g;
+        b.gz_eps_sum[k] += g * static_cast<acc_t>(eps[k]);
       }
     }
   }
@@ -348,9 +331,42 @@ FV_INLINE void backward_tile_plain(const BwdArgs<scalar_t>& a, const TilePlan& p
     const acc_t raw = io::load(lv, k);
     const acc_t l = clamp.apply(raw);
     const acc_t sd = op_exp(acc_t(0.5) * l);
-    io::store(gmu, k, gz_sum[k] + gkl[k] * m);
-    const acc_t gl = grad_logvar_term(sd, gz_eps_sum[k], gkl[k]);
+    io::store(gmu, k, b.gz_sum[k] + b.gkl[k] * m);
+    const acc_t gl = grad_logvar_term(sd, b.gz_eps_sum[k], b.gkl[k]);
     io::store(glv, k, clamp.passes(raw) ? gl : acc_t(0));
+  }
+}
+
+// The backward of z and the KL to a prior with one sample (or none) and no log density, in one
+// pass over the tile (a hierarchical VAE's layer); kGz: grad_z is given.
+template <typename scalar_t, bool kGz>
+FV_INLINE void prior_kl_one_pass(const BwdArgs<scalar_t>& a, const Tile& t, const at::opmath_type<scalar_t>* gkl,
+                                 const float* __restrict eps) {
+  using acc_t = at::opmath_type<scalar_t>;
+  using io = Io<scalar_t>;
+  const scalar_t* __restrict mu = a.mu + t.j0;
+  const scalar_t* __restrict lv = a.lv + t.j0;
+  const scalar_t* __restrict pm = a.pm + t.j0;
+  const scalar_t* __restrict pl = a.pl + t.j0;
+  const scalar_t* __restrict gz = kGz ? a.grad_z + t.j0 : nullptr;
+  scalar_t* __restrict gmu = a.grad_mu + t.j0;
+  scalar_t* __restrict glv = a.grad_lv + t.j0;
+  scalar_t* __restrict gpm = a.grad_pm + t.j0;
+  scalar_t* __restrict gpl = a.grad_pl + t.j0;
+  const ClampSpec clamp = a.clamp;
+  FV_IVDEP
+  for (int64_t k = 0; k < t.len; ++k) {
+    const acc_t m = io::load(mu, k);
+    const acc_t raw = io::load(lv, k);
+    const acc_t sd = op_exp(acc_t(0.5) * clamp.apply(raw));
+    const acc_t raw_p = io::load(pl, k);
+    const Grad4<acc_t> kg = kl_prior_grads(m, sd, io::load(pm, k), op_exp(-clamp.apply(raw_p)), gkl[k]);
+    const acc_t g = kGz ? io::load(gz, k) : acc_t(0);
+    const acc_t g_eps = kGz ? g * static_cast<acc_t>(eps[k]) : acc_t(0);
+    io::store(gmu, k, g + kg.mu);
+    io::store(glv, k, clamp.passes(raw) ? acc_t(0.5) * sd * g_eps + kg.lv : acc_t(0));
+    io::store(gpm, k, kg.pm);
+    io::store(gpl, k, clamp.passes(raw_p) ? kg.pl : acc_t(0));
   }
 }
 
@@ -397,10 +413,7 @@ template <typename scalar_t, bool kPrior>
 FV_INLINE void backward_tile_terms(const BwdArgs<scalar_t>& a, const TilePlan& plan, const Tile& t) {
   using acc_t = at::opmath_type<scalar_t>;
   using io = Io<scalar_t>;
-  alignas(64) float eps_buf[kTile + 8];
-  alignas(64) acc_t gz_sum[kTile];
-  alignas(64) acc_t gz_eps_sum[kTile];
-  alignas(64) acc_t gkl[kTile];
+  BwdTileBuffers<acc_t> b;
   alignas(64) acc_t gw[kTile];
   alignas(64) acc_t sd_buf[kTile];
   alignas(64) acc_t ipv_buf[kTile];
@@ -411,7 +424,15 @@ FV_INLINE void backward_tile_terms(const BwdArgs<scalar_t>& a, const TilePlan& p
   const int64_t B = plan.s.B;
   const bool ratio = logq_is_ratio(a.logq_mode);
   const bool path = logq_is_path(a.logq_mode);
-  tile_grad_kl(a, plan, t, gkl);
+  a.grad_kl.spread(plan, t, b.gkl);
+  if (kPrior && a.grad_logq == nullptr && a.num_samples <= 1) {
+    if (a.grad_z != nullptr) {
+      prior_kl_one_pass<scalar_t, true>(a, t, b.gkl, stream_normals(a.seed, static_cast<uint64_t>(t.j0), n, b.eps));
+    } else {
+      prior_kl_one_pass<scalar_t, false>(a, t, b.gkl, nullptr);
+    }
+    return;
+  }
 
   const scalar_t* __restrict mu = a.mu + t.j0;
   const scalar_t* __restrict lv = a.lv + t.j0;
@@ -421,21 +442,21 @@ FV_INLINE void backward_tile_terms(const BwdArgs<scalar_t>& a, const TilePlan& p
   for (int64_t k = 0; k < n; ++k) {
     sd_buf[k] = op_exp(acc_t(0.5) * clamp.apply(io::load(lv, k)));
     ipv_buf[k] = kPrior ? op_exp(-clamp.apply(io::load(pl, k))) : acc_t(1);
-    gz_sum[k] = 0;
-    gz_eps_sum[k] = 0;
+    b.gz_sum[k] = 0;
+    b.gz_eps_sum[k] = 0;
     lq_mu[k] = lq_lv[k] = lq_pm[k] = lq_pl[k] = 0;
   }
   if (a.grad_z != nullptr || a.grad_logq != nullptr) {
     for (int64_t s = 0; s < a.num_samples; ++s) {
       const int64_t flat0 = s * N + t.j0;
-      const float* __restrict eps = stream_normals(a.seed, static_cast<uint64_t>(flat0), n, eps_buf);
+      const float* __restrict eps = stream_normals(a.seed, static_cast<uint64_t>(flat0), n, b.eps);
       if (a.grad_z != nullptr) {
         const scalar_t* __restrict gz = a.grad_z + flat0;
         FV_IVDEP
         for (int64_t k = 0; k < n; ++k) {
           const acc_t g = io::load(gz, k);
-          gz_sum[k] += g;
-          gz_eps_sum[k] += g * static_cast<acc_t>(eps[k]);
+          b.gz_sum[k] += g;
+          b.gz_eps_sum[k] += g * static_cast<acc_t>(eps[k]);
         }
       }
       if (a.grad_logq != nullptr) {
@@ -464,15 +485,15 @@ FV_INLINE void backward_tile_terms(const BwdArgs<scalar_t>& a, const TilePlan& p
     const acc_t sd = sd_buf[k];
     acc_t g_mu, g_lv;
     if (kPrior) {
-      const Grad4<acc_t> kg = kl_prior_grads(m, sd, io::load(pm, k), ipv_buf[k], gkl[k]);
-      g_mu = gz_sum[k] + kg.mu + lq_mu[k];
-      g_lv = acc_t(0.5) * sd * gz_eps_sum[k] + kg.lv + lq_lv[k];
+      const Grad4<acc_t> kg = kl_prior_grads(m, sd, io::load(pm, k), ipv_buf[k], b.gkl[k]);
+      g_mu = b.gz_sum[k] + kg.mu + lq_mu[k];
+      g_lv = acc_t(0.5) * sd * b.gz_eps_sum[k] + kg.lv + lq_lv[k];
       const acc_t g_pl = kg.pl + lq_pl[k];
       io::store(gpm, k, kg.pm + lq_pm[k]);
       io::store(gpl, k, clamp.passes(io::load(pl, k)) ? g_pl : acc_t(0));
     } else {
-      g_mu = gz_sum[k] + gkl[k] * m + lq_mu[k];
-      g_lv = grad_logvar_term(sd, gz_eps_sum[k], gkl[k]) + lq_lv[k];
+      g_mu = b.gz_sum[k] + b.gkl[k] * m + lq_mu[k];
+      g_lv = grad_logvar_term(sd, b.gz_eps_sum[k], b.gkl[k]) + lq_lv[k];
     }
     io::store(gmu, k, g_mu);
     io::store(glv, k, clamp.passes(raw) ? g_lv : acc_t(0));
@@ -505,13 +526,9 @@ FV_BWD_TILE(double, f64)
 FV_BWD_TILE(at::Half, f16)
 FV_BWD_TILE(at::BFloat16, bf16)
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> reparam_kl_bwd_cpu(
-    const OptTensor& grad_z_in, const OptTensor& grad_kl_in, const OptTensor& grad_logq_in, const at::Tensor& mu_in,
-    const at::Tensor& logvar_in, const OptTensor& prior_mu_in, const OptTensor& prior_logvar_in,
-    const at::Tensor& seed, int64_t num_samples, int64_t kl_mode, int64_t logq_mode, c10::optional<double> clamp_lo,
-    c10::optional<double> clamp_hi) {
-  check_reparam(mu_in, logvar_in, prior_mu_in, prior_logvar_in, seed, num_samples, kl_mode, logq_mode);
-  check_reparam_grads(grad_z_in, grad_kl_in, grad_logq_in, mu_in, num_samples, kl_mode, logq_mode);
+ReparamKlGrads reparam_kl_bwd_cpu(FV_REPARAM_KL_BWD_ARGS) {
+  check_reparam_bwd(grad_z_in, grad_kl_in, grad_logq_in, mu_in, logvar_in, prior_mu_in, prior_logvar_in, seed,
+                    num_samples, kl_mode, logq_mode);
   const at::Tensor mu = mu_in.contiguous();
   const at::Tensor logvar = logvar_in.contiguous();
   const at::Tensor prior_mu = contiguous_or_none(prior_mu_in);
@@ -532,15 +549,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> reparam_kl_bwd_cpu(
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, mu.scalar_type(), "reparam_kl_bwd_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     BwdArgs<scalar_t> a;
+    a.grad_kl = ReducedGradIn<scalar_t>(grad_kl, kl_mode, shape.B);
     a.grad_z = data_or_null<scalar_t>(grad_z);
-    a.has_grad_kl = grad_kl.defined();
-    a.grad_kl_elem = a.has_grad_kl && kl_mode == kReduceElementwise ? grad_kl.const_data_ptr<scalar_t>() : nullptr;
-    a.grad_kl_row = a.has_grad_kl && kl_mode == kReducePerSample ? grad_kl.const_data_ptr<acc_t>() : nullptr;
-    a.grad_kl_scalar = 0;
-    if (a.has_grad_kl && kl_mode >= kReduceSum) {
-      a.grad_kl_scalar = grad_kl.item<acc_t>();
-      if (kl_mode == kReduceBatchMean) a.grad_kl_scalar /= static_cast<acc_t>(shape.B);
-    }
     a.grad_logq = grad_logq.defined() ? grad_logq.const_data_ptr<acc_t>() : nullptr;
     a.logq_mode = logq_mode;
     a.mu = mu.const_data_ptr<scalar_t>();
@@ -564,9 +574,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> reparam_kl_bwd_cpu(
 }  // namespace
 }  // namespace cpu
 
-TORCH_LIBRARY_IMPL(fused_vae, CPU, m) {
-  m.impl("reparam_kl_fwd", &cpu::reparam_kl_fwd_cpu);
-  m.impl("reparam_kl_bwd", &cpu::reparam_kl_bwd_cpu);
-}
+FV_IMPL_OP_PAIR(CPU, "", reparam_kl, cpu::reparam_kl_fwd_cpu, cpu::reparam_kl_bwd_cpu)
 
 }  // namespace fused_vae

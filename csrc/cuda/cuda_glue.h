@@ -38,17 +38,9 @@
 // fused_vae::cuda_emu_<family>_fwd / _bwd (schemas: csrc/ops.cpp and
 // csrc/emulate/emulated_ops.cpp).
 #if defined(FUSED_VAE_CUDA_EMULATE)
-#define FV_CUDA_IMPL(family, fwd, bwd)                \
-  TORCH_LIBRARY_IMPL(fused_vae, CPU, m) {             \
-    m.impl("cuda_emu_" #family "_fwd", &fwd);         \
-    m.impl("cuda_emu_" #family "_bwd", &bwd);         \
-  }
+#define FV_CUDA_IMPL(family, fwd, bwd) FV_IMPL_OP_PAIR(CPU, "cuda_emu_", family, fwd, bwd)
 #else
-#define FV_CUDA_IMPL(family, fwd, bwd)    \
-  TORCH_LIBRARY_IMPL(fused_vae, CUDA, m) { \
-    m.impl(#family "_fwd", &fwd);          \
-    m.impl(#family "_bwd", &bwd);          \
-  }
+#define FV_CUDA_IMPL(family, fwd, bwd) FV_IMPL_OP_PAIR(CUDA, "", family, fwd, bwd)
 #endif
 
 namespace fused_vae {
@@ -147,7 +139,15 @@ inline bool is_broadcast_scalar(const at::Tensor& t) {
 }
 
 // An optional tensor made contiguous (undefined when absent).
-inline at::Tensor contiguous_or_none(const OptTensor& t) { return given(t) ? t->contiguous() : at::Tensor(); }
+// The [B, D] view of the inputs and the clamp, which every kernel's params struct holds.
+template <typename Params>
+void set_rows_and_clamp(Params& p, const RowShape& s, const c10::optional<double>& lo,
+                        const c10::optional<double>& hi) {
+  p.N = s.N;
+  p.B = s.B;
+  p.D = s.D;
+  p.clamp = make_clamp(lo, hi);
+}
 
 // An output gradient as a kernel reads it: an expanded scalar in place (when `bcast_ok`
 // and it is one), else contiguous; undefined when absent. `bcast` says which.

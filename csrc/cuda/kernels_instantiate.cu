@@ -8,13 +8,8 @@
 namespace fused_vae {
 namespace cuda {
 
-#define FV_CUDA_INSTANTIATE(T)                                                                  \
-  template cudaError_t launch_reparam_kl_fwd<T>(const FwdParams<T>&, const LaunchTarget&);      \
-  template cudaError_t launch_reparam_kl_bwd<T>(const BwdParams<T>&, const LaunchTarget&);      \
-  template cudaError_t launch_log_prob_fwd<T>(const LogProbParams<T>&, const LaunchTarget&);    \
-  template cudaError_t launch_log_prob_bwd<T>(const LogProbGradParams<T>&, const LaunchTarget&);
-FV_CUDA_FOR_EACH_TYPE(FV_CUDA_INSTANTIATE)
-#undef FV_CUDA_INSTANTIATE
+FV_CUDA_LAUNCHERS(, reparam_kl, FwdParams, BwdParams)
+FV_CUDA_LAUNCHERS(, log_prob, LogProbParams, LogProbGradParams)
 
 }  // namespace cuda
 }  // namespace fused_vae

@@ -28,12 +28,25 @@ namespace cuda {
 
 constexpr int kThreads = 256;  // threads per block of every kernel here
 
-// X(T) for every storage type the kernels are instantiated for.
-#define FV_CUDA_FOR_EACH_TYPE(X) \
-  X(float)                       \
-  X(double)                      \
-  X(__half)                      \
-  X(__nv_bfloat16)
+// The launchers of an op family, launch_<name>_fwd / _bwd, declared for the params types
+// Fwd<T> / Bwd<T>; `extern` (default) in the headers, empty in kernels_instantiate.cu, where
+// they are instantiated for every storage type the kernels take. They launch on target.stream, require N > 0 and
+// return the first error of the occupancy queries and launches (cudaSuccess when every
+// kernel was launched).
+#define FV_CUDA_LAUNCHER_TYPE(prefix, name, Fwd, Bwd, T)                                 \
+  prefix template cudaError_t launch_##name##_fwd<T>(const Fwd<T>&, const LaunchTarget&); \
+  prefix template cudaError_t launch_##name##_bwd<T>(const Bwd<T>&, const LaunchTarget&);
+#define FV_CUDA_LAUNCHERS(prefix, name, Fwd, Bwd)         \
+  FV_CUDA_LAUNCHER_TYPE(prefix, name, Fwd, Bwd, float)    \
+  FV_CUDA_LAUNCHER_TYPE(prefix, name, Fwd, Bwd, double)   \
+  FV_CUDA_LAUNCHER_TYPE(prefix, name, Fwd, Bwd, __half)   \
+  FV_CUDA_LAUNCHER_TYPE(prefix, name, Fwd, Bwd, __nv_bfloat16)
+#define FV_CUDA_DECLARE_LAUNCHERS(name, Fwd, Bwd)                                       \
+  template <typename T>                                                                \
+  cudaError_t launch_##name##_fwd(const Fwd<T>& p, const LaunchTarget& target);        \
+  template <typename T>                                                                \
+  cudaError_t launch_##name##_bwd(const Bwd<T>& p, const LaunchTarget& target);        \
+  FV_CUDA_LAUNCHERS(extern, name, Fwd, Bwd)
 
 // Elements per thread per tile: 16 bytes of 16-bit types (two Philox groups), else one
 // Philox group (16 bytes of float, 32 bytes of double). Constants (not functions) so

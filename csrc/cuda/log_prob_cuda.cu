@@ -18,8 +18,15 @@ namespace {
 
 using namespace cuda_glue;
 
-at::Tensor log_prob_fwd_cuda(const at::Tensor& x_in, const at::Tensor& mu_in, const at::Tensor& logvar_in,
-                             int64_t reduction, c10::optional<double> clamp_lo, c10::optional<double> clamp_hi) {
+// The input pointers of either direction's params.
+template <typename scalar_t, typename T>
+void set_inputs(cuda::LogProbInputs<T>& p, const at::Tensor& x, const at::Tensor& mu, const at::Tensor& logvar) {
+  p.x = data_in<scalar_t>(x);
+  p.mu = data_in<scalar_t>(mu);
+  p.lv = data_in<scalar_t>(logvar);
+}
+
+at::Tensor log_prob_fwd_cuda(FV_LOG_PROB_FWD_ARGS) {
   check_log_prob(x_in, mu_in, logvar_in, reduction);
   check_kernel_device(x_in);
   const DeviceGuard guard(x_in.device());
@@ -41,29 +48,19 @@ at::Tensor log_prob_fwd_cuda(const at::Tensor& x_in, const at::Tensor& mu_in, co
     at::Tensor workspace = at::empty({ws_elems}, x.options().dtype(acc_dtype(x.scalar_type())));
     poison(workspace);
     cuda::LogProbParams<T> p;
-    p.x = data_in<scalar_t>(x);
-    p.mu = data_in<scalar_t>(mu);
-    p.lv = data_in<scalar_t>(logvar);
+    set_inputs<scalar_t>(p, x, mu, logvar);
     p.out_elem = reduction == kReduceElementwise ? data_out<scalar_t>(out) : nullptr;
     p.out = reduction >= kReducePerSample ? out.mutable_data_ptr<acc_t>() : nullptr;
     p.workspace = ws_elems > 0 ? workspace.mutable_data_ptr<acc_t>() : nullptr;
-    p.N = shape.N;
-    p.B = shape.B;
-    p.D = shape.D;
     p.reduction = reduction;
-    p.clamp = make_clamp(clamp_lo, clamp_hi);
+    set_rows_and_clamp(p, shape, clamp_lo, clamp_hi);
     FV_CUDA_CHECK(cuda::launch_log_prob_fwd<T>(p, target));
   });
   return out;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> log_prob_bwd_cuda(const OptTensor& grad_in, const at::Tensor& x_in,
-                                                                 const at::Tensor& mu_in, const at::Tensor& logvar_in,
-                                                                 int64_t reduction, c10::optional<double> clamp_lo,
-                                                                 c10::optional<double> clamp_hi) {
-  check_log_prob(x_in, mu_in, logvar_in, reduction);
-  check_grad("log_prob", grad_in, nullptr, reduced_numel(x_in, reduction), reduced_dtype(x_in, reduction), x_in,
-             "x");
+LogProbGrads log_prob_bwd_cuda(FV_LOG_PROB_BWD_ARGS) {
+  check_log_prob_bwd(grad_in, x_in, mu_in, logvar_in, reduction);
   check_kernel_device(x_in);
   const DeviceGuard guard(x_in.device());
   at::Tensor grad_x = alloc_grad(x_in);
@@ -86,16 +83,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> log_prob_bwd_cuda(const OptTensor
     using T = typename CudaType<scalar_t>::type;
     cuda::LogProbGradParams<T> p;
     p.grad = reduced_grad<scalar_t>(grad, bcast, reduction);
-    p.x = data_in<scalar_t>(x);
-    p.mu = data_in<scalar_t>(mu);
-    p.lv = data_in<scalar_t>(logvar);
+    set_inputs<scalar_t>(p, x, mu, logvar);
     p.grad_x = data_out<scalar_t>(grad_x);
     p.grad_mu = data_out<scalar_t>(grad_mu);
     p.grad_lv = data_out<scalar_t>(grad_lv);
-    p.N = shape.N;
-    p.B = shape.B;
-    p.D = shape.D;
-    p.clamp = make_clamp(clamp_lo, clamp_hi);
+    set_rows_and_clamp(p, shape, clamp_lo, clamp_hi);
     FV_CUDA_CHECK(cuda::launch_log_prob_bwd<T>(p, target));
   });
   return {grad_x, grad_mu, grad_lv};

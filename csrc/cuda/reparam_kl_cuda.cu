@@ -24,10 +24,7 @@ namespace {
 
 using namespace cuda_glue;
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> reparam_kl_fwd_cuda(
-    const at::Tensor& mu_in, const at::Tensor& logvar_in, const OptTensor& prior_mu_in,
-    const OptTensor& prior_logvar_in, const at::Tensor& seed, int64_t num_samples, int64_t kl_mode,
-    int64_t logq_mode, c10::optional<double> clamp_lo, c10::optional<double> clamp_hi) {
+ReparamKlOutputs reparam_kl_fwd_cuda(FV_REPARAM_KL_FWD_ARGS) {
   check_reparam(mu_in, logvar_in, prior_mu_in, prior_logvar_in, seed, num_samples, kl_mode, logq_mode);
   check_kernel_device(mu_in);
   const DeviceGuard guard(mu_in.device());
@@ -71,25 +68,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> reparam_kl_fwd_cuda(
     p.logq_out = logq_mode != kLogqSkip ? logq.mutable_data_ptr<acc_t>() : nullptr;
     p.logq_partials = ws.logq_elems > 0 ? ws_ptr + ws.kl_elems : nullptr;
     p.seed_ptr = seed_ptr;
-    p.N = shape.N;
-    p.B = shape.B;
-    p.D = shape.D;
     p.num_samples = num_samples;
     p.kl_mode = kl_mode;
     p.logq_mode = logq_mode;
-    p.clamp = make_clamp(clamp_lo, clamp_hi);
+    set_rows_and_clamp(p, shape, clamp_lo, clamp_hi);
     FV_CUDA_CHECK(cuda::launch_reparam_kl_fwd<T>(p, target));
   });
   return {z, kl, logq};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> reparam_kl_bwd_cuda(
-    const OptTensor& grad_z_in, const OptTensor& grad_kl_in, const OptTensor& grad_logq_in, const at::Tensor& mu_in,
-    const at::Tensor& logvar_in, const OptTensor& prior_mu_in, const OptTensor& prior_logvar_in,
-    const at::Tensor& seed, int64_t num_samples, int64_t kl_mode, int64_t logq_mode, c10::optional<double> clamp_lo,
-    c10::optional<double> clamp_hi) {
-  check_reparam(mu_in, logvar_in, prior_mu_in, prior_logvar_in, seed, num_samples, kl_mode, logq_mode);
-  check_reparam_grads(grad_z_in, grad_kl_in, grad_logq_in, mu_in, num_samples, kl_mode, logq_mode);
+ReparamKlGrads reparam_kl_bwd_cuda(FV_REPARAM_KL_BWD_ARGS) {
+  check_reparam_bwd(grad_z_in, grad_kl_in, grad_logq_in, mu_in, logvar_in, prior_mu_in, prior_logvar_in, seed,
+                    num_samples, kl_mode, logq_mode);
   check_kernel_device(mu_in);
   const DeviceGuard guard(mu_in.device());
   const bool has_prior = given(prior_mu_in);
@@ -135,12 +125,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> reparam_kl_bwd_cuda(
     p.grad_pm = data_out<scalar_t>(grad_pm);
     p.grad_pl = data_out<scalar_t>(grad_pl);
     p.seed_ptr = seed_ptr;
-    p.N = shape.N;
-    p.B = shape.B;
-    p.D = shape.D;
     p.num_samples = num_samples;
     p.logq_mode = logq_mode;
-    p.clamp = make_clamp(clamp_lo, clamp_hi);
+    set_rows_and_clamp(p, shape, clamp_lo, clamp_hi);
     FV_CUDA_CHECK(cuda::launch_reparam_kl_bwd<T>(p, target));
   });
   return {grad_mu, grad_lv, grad_pm, grad_pl};

@@ -85,18 +85,7 @@ inline ReparamWorkspace reparam_workspace(int64_t B, int64_t D, int64_t num_samp
   return w;
 }
 
-// Launch on target.stream. Requires N > 0. Returns the first error of the occupancy
-// queries and launches (cudaSuccess when all kernels were launched).
-template <typename T>
-cudaError_t launch_reparam_kl_fwd(const FwdParams<T>& p, const LaunchTarget& target);
-template <typename T>
-cudaError_t launch_reparam_kl_bwd(const BwdParams<T>& p, const LaunchTarget& target);
-
-#define FV_CUDA_DECLARE(T)                                                                    \
-  extern template cudaError_t launch_reparam_kl_fwd<T>(const FwdParams<T>&, const LaunchTarget&); \
-  extern template cudaError_t launch_reparam_kl_bwd<T>(const BwdParams<T>&, const LaunchTarget&);
-FV_CUDA_FOR_EACH_TYPE(FV_CUDA_DECLARE)
-#undef FV_CUDA_DECLARE
+FV_CUDA_DECLARE_LAUNCHERS(reparam_kl, FwdParams, BwdParams)
 
 }  // namespace cuda
 }  // namespace fused_vae

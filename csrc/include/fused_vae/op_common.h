@@ -34,6 +34,9 @@ inline RowShape row_shape(const at::Tensor& t) {
 
 inline bool given(const OptTensor& t) { return t.has_value() && t->defined(); }
 
+// A contiguous copy (or the tensor itself) of an optional input; undefined when absent.
+inline at::Tensor contiguous_or_none(const OptTensor& t) { return given(t) ? t->contiguous() : at::Tensor(); }
+
 inline ClampSpec make_clamp(const c10::optional<double>& lo, const c10::optional<double>& hi) {
   ClampSpec c;
   c.active = lo.has_value() || hi.has_value();
@@ -151,6 +154,31 @@ inline at::ScalarType reduced_dtype(const at::Tensor& ref, int64_t mode) {
   return mode == kReduceElementwise || mode == kReduceSkip ? ref.scalar_type() : acc_dtype(ref.scalar_type());
 }
 
+// The C++ argument lists of the ops' implementations (the schemas of schemas.h), written once
+// for every device's glue; the tensors end in _in (made contiguous by the glue).
+#define FV_REPARAM_KL_FWD_ARGS                                                                                \
+  const at::Tensor &mu_in, const at::Tensor &logvar_in, const fused_vae::OptTensor &prior_mu_in,                \
+      const fused_vae::OptTensor &prior_logvar_in, const at::Tensor &seed, int64_t num_samples, int64_t kl_mode, \
+      int64_t logq_mode, c10::optional<double> clamp_lo, c10::optional<double> clamp_hi
+#define FV_REPARAM_KL_BWD_ARGS                                                                          \
+  const fused_vae::OptTensor &grad_z_in, const fused_vae::OptTensor &grad_kl_in,                          \
+      const fused_vae::OptTensor &grad_logq_in, FV_REPARAM_KL_FWD_ARGS
+#define FV_LOG_PROB_FWD_ARGS                                                                  \
+  const at::Tensor &x_in, const at::Tensor &mu_in, const at::Tensor &logvar_in, int64_t reduction, \
+      c10::optional<double> clamp_lo, c10::optional<double> clamp_hi
+#define FV_LOG_PROB_BWD_ARGS const fused_vae::OptTensor &grad_in, FV_LOG_PROB_FWD_ARGS
+// Registers the two kernels of op family `family` for dispatch key `key` as the ops
+// fused_vae::<prefix><family>_fwd / _bwd (needs torch/library.h where it is used).
+#define FV_IMPL_OP_PAIR(key, prefix, family, fwd, bwd) \
+  TORCH_LIBRARY_IMPL(fused_vae, key, m) {              \
+    m.impl(prefix #family "_fwd", &fwd);               \
+    m.impl(prefix #family "_bwd", &bwd);               \
+  }
+
+using ReparamKlOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor>;               // z, kl, logq
+using ReparamKlGrads = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;     // mu, logvar, prior's
+using LogProbGrads = std::tuple<at::Tensor, at::Tensor, at::Tensor>;                   // x, mu, logvar
+
 // The sampling op's gradient checks.
 inline void check_reparam_grads(const OptTensor& grad_z, const OptTensor& grad_kl, const OptTensor& grad_logq,
                                 const at::Tensor& mu, int64_t num_samples, int64_t kl_mode, int64_t logq_mode) {
@@ -160,6 +188,22 @@ inline void check_reparam_grads(const OptTensor& grad_z, const OptTensor& grad_k
              reduced_dtype(mu, kl_mode), mu, "mu");
   check_grad("logq", grad_logq, logq_mode == kLogqSkip ? "logq_mode is 0" : nullptr, num_samples * mu.size(0),
              acc_dtype(mu.scalar_type()), mu, "mu");
+}
+
+// Every check of the sampling op's backward (check_bwd_args of protocol.REPARAM).
+inline void check_reparam_bwd(const OptTensor& grad_z, const OptTensor& grad_kl, const OptTensor& grad_logq,
+                              const at::Tensor& mu, const at::Tensor& logvar, const OptTensor& prior_mu,
+                              const OptTensor& prior_logvar, const at::Tensor& seed, int64_t num_samples,
+                              int64_t kl_mode, int64_t logq_mode) {
+  check_reparam(mu, logvar, prior_mu, prior_logvar, seed, num_samples, kl_mode, logq_mode);
+  check_reparam_grads(grad_z, grad_kl, grad_logq, mu, num_samples, kl_mode, logq_mode);
+}
+
+// Every check of the log-density op's backward (check_bwd_args of protocol.LOG_PROB).
+inline void check_log_prob_bwd(const OptTensor& grad, const at::Tensor& x, const at::Tensor& mu,
+                               const at::Tensor& logvar, int64_t reduction) {
+  check_log_prob(x, mu, logvar, reduction);
+  check_grad("log_prob", grad, nullptr, reduced_numel(x, reduction), reduced_dtype(x, reduction), x, "x");
 }
 
 inline at::Tensor empty_contiguous(at::IntArrayRef sizes, const at::TensorOptions& options) {
