@@ -62,8 +62,12 @@ def _start_command(*argv: str) -> subprocess.Popen:
     module, func = target.split(":")
     code = f"import sys; from {module} import {func}; sys.exit({func}(sys.argv[1:]))"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
+    # SIGINT back to its default in the child: a test run started in the background by a
+    # non-interactive shell ignores SIGINT, the child would inherit that, and Python only
+    # turns SIGINT into KeyboardInterrupt when it starts with the default action.
     return subprocess.Popen([sys.executable, "-c", code, *argv], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def _interrupt(proc: subprocess.Popen) -> tuple[int, str, str]:
