@@ -2,7 +2,10 @@
 
 For each dtype (float32, bfloat16; float32 alone at the tiny size) and reduction
 (batchmean, per_sample, none) at one size (64M elements on a GPU), times ``fv.reparameterize_kl`` alone and followed by
-``torch.autograd.grad``, and reports the bytes each pass must move per second:
+``torch.autograd.grad``, and reports the bytes each pass must move per second; then, in
+float32, the other op families (``TERM_CASES``: the KL to a learned prior with its sample,
+a sample's ``log q - log p``, ``fv.gaussian_log_prob``), with issue 21's target (forward and
+backward at >= 80% of copy bandwidth):
 
     forward:           read mu, logvar; write z (and the KL when reduction='none')
     forward+backward:  the forward, then read grad_z, mu, logvar (and grad_kl when
@@ -43,6 +46,33 @@ def elements_moved(reduction: str) -> dict[str, int]:
     return {"fwd": 3 + kl, "fwd_bwd": 8 + 2 * kl}
 
 
+# The other op families in float32 (issue 21's GPU target: fwd+bwd >= 80% of copy bandwidth):
+# (inputs of mu's size, elements moved by the forward, by forward+backward), per-row outputs
+# and their gradients ([B] or [1, B]) being negligible.
+TERM_CASES = {
+    # read mu, logvar, prior_mu, prior_logvar, write z; then read grad_z and the four, write four gradients
+    "prior_kl": (4, 5, 5 + 9),
+    # read mu, logvar, write z; then read grad_z, mu, logvar, write two gradients
+    "log_ratio": (2, 3, 3 + 5),
+    # read x, mu, logvar; then read them again and write three gradients
+    "log_prob": (3, 3, 3 + 6),
+}
+
+
+def term_fn(name: str, tensors, seed, backend: str):
+    """The timed forward of a TERM_CASES case: the outputs to differentiate."""
+    import fused_vae as fv
+
+    if name == "prior_kl":
+        mu, lv, pm, pl = tensors
+        return lambda: fv.reparameterize_kl(mu, lv, prior=(pm, pl), reduction="per_sample", seed=seed, backend=backend)
+    if name == "log_ratio":
+        mu, lv = tensors
+        return lambda: tuple(fv.sample_gaussian(mu, lv, log_density="ratio", seed=seed, backend=backend))[::2]
+    x, mu, lv = tensors
+    return lambda: (fv.gaussian_log_prob(x, mu, lv, backend=backend),)
+
+
 def main(argv=None) -> int:
     """Command line entry (see the module docstring); returns the exit status."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -77,6 +107,38 @@ def main(argv=None) -> int:
         del src, dst
         print(f"copy: {copy_bw / 1e9:.1f} GB/s")
     g = torch.Generator(device=dev).manual_seed(0)
+
+    def measure(fwd, inputs, labels: dict, bytes_fwd: int, bytes_fwd_bwd: int, target: float | None = None) -> None:
+        """Times ``fwd`` and forward+backward (gradients of every input against fixed random
+        output gradients) and records the case with its fraction of the copy bandwidth."""
+        outs = fwd()
+        outs = outs if isinstance(outs, tuple) else (outs,)
+        grads = [torch.randn(o.shape, device=dev, generator=g).to(o.dtype) for o in outs]
+
+        def fwd_bwd():
+            return torch.autograd.grad(fwd(), inputs, grads, allow_unused=True)
+
+        if args.profile:
+            with torch.no_grad():
+                fwd()
+            fwd_bwd()
+            return
+        with torch.no_grad():
+            t_f = time_calls({"fwd": fwd}, min_run_time=min_run_time)["fwd"]
+        t_fb = time_calls({"fwd_bwd": fwd_bwd}, min_run_time=min_run_time)["fwd_bwd"]
+        case = {**labels, "shape": list(inputs[0].shape), "elements": inputs[0].numel(), "fwd": t_f, "fwd_bwd": t_fb}
+        for kind, t, moved in (("fwd", t_f, bytes_fwd), ("fwd_bwd", t_fb, bytes_fwd_bwd)):
+            case[f"{kind}_bytes_per_s"] = moved / t["median_s"]
+            case[f"{kind}_fraction_of_copy"] = moved / t["median_s"] / copy_bw
+        results["cases"].append(case)
+        verdict = "" if target is None else f" [{'PASS' if case['fwd_bwd_fraction_of_copy'] >= target else 'MISS'} >= {target:.0%}]"
+        print(f"{labels['backend']:>6} {labels['dtype']:>8} {labels.get('reduction') or labels['op']:>10}: fwd "
+              f"{t_f['median_s'] * 1e6:9.1f} us {100 * case['fwd_fraction_of_copy']:5.1f}% of copy, fwd+bwd "
+              f"{t_fb['median_s'] * 1e6:9.1f} us {100 * case['fwd_bwd_fraction_of_copy']:5.1f}% of copy{verdict}",
+              flush=True)
+        if args.out:  # partial results survive an interrupted run
+            write_result(Path(args.out), results)
+
     for backend in backends:
         for dtype_name in size["dtypes"]:
             dtype = getattr(torch, dtype_name)
@@ -86,39 +148,20 @@ def main(argv=None) -> int:
             n, esize = mu.numel(), mu.element_size()
             for reduction in REDUCTIONS:
 
-                def fwd():
+                def fwd(reduction=reduction):
                     return fv.reparameterize_kl(mu, lv, reduction=reduction, seed=seed, backend=backend)
 
-                z, kl = fwd()
-                gz = torch.randn(z.shape, device=dev, generator=g).to(z.dtype)
-                gkl = torch.ones_like(kl)
-
-                def fwd_bwd():
-                    z, kl = fwd()
-                    return torch.autograd.grad((z, kl), (mu, lv), (gz, gkl))
-
-                if args.profile:
-                    with torch.no_grad():
-                        fwd()
-                    fwd_bwd()
-                    continue
-                with torch.no_grad():
-                    t_f = time_calls({"fwd": fwd}, min_run_time=min_run_time)["fwd"]
-                t_fb = time_calls({"fwd_bwd": fwd_bwd}, min_run_time=min_run_time)["fwd_bwd"]
                 moved = elements_moved(reduction)
-                case = {"backend": backend, "dtype": dtype_name, "reduction": reduction, "shape": list(mu.shape),
-                        "elements": n, "fwd": t_f, "fwd_bwd": t_fb}
-                for kind, t in (("fwd", t_f), ("fwd_bwd", t_fb)):
-                    bw = moved[kind] * n * esize / t["median_s"]
-                    case[f"{kind}_bytes_per_s"] = bw
-                    case[f"{kind}_fraction_of_copy"] = bw / copy_bw
-                results["cases"].append(case)
-                print(f"{backend:>6} {dtype_name:>8} {reduction:>10}: fwd {t_f['median_s'] * 1e6:9.1f} us "
-                      f"{100 * case['fwd_fraction_of_copy']:5.1f}% of copy, fwd+bwd {t_fb['median_s'] * 1e6:9.1f} us "
-                      f"{100 * case['fwd_bwd_fraction_of_copy']:5.1f}% of copy", flush=True)
-                if args.out:  # partial results survive an interrupted run
-                    write_result(Path(args.out), results)
+                measure(fwd, [mu, lv], dict(backend=backend, dtype=dtype_name, reduction=reduction),
+                        moved["fwd"] * n * esize, moved["fwd_bwd"] * n * esize)
             del mu, lv
+        for name, (n_inputs, moved_f, moved_fb) in TERM_CASES.items():
+            tensors = [(0.5 * torch.randn(size["shape"], device=dev, generator=g)).requires_grad_()
+                       for _ in range(n_inputs)]  # fmt: skip
+            n = tensors[0].numel()
+            measure(term_fn(name, tensors, torch.tensor(3, device=dev), backend), tensors,
+                    dict(backend=backend, dtype="float32", op=name), moved_f * n * 4, moved_fb * n * 4, target=0.8)
+            del tensors
     if args.profile:
         if dev == "cuda":
             torch.cuda.synchronize()

@@ -27,7 +27,6 @@ Memory, two ways:
 from __future__ import annotations
 
 import argparse
-import ctypes
 import datetime as _dt
 import statistics
 import sys
@@ -36,51 +35,29 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS_DIR, environment, time_calls, write_result  # noqa: E402
+from common import (  # noqa: E402
+    RESULTS_DIR,
+    environment,
+    mmap_large_allocations,
+    peak_rss_delta_bytes,
+    saved_bytes,
+    time_calls,
+    write_result,
+)
 
 import fused_vae.integrations.diffusers as fvd  # noqa: E402
 
-M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
-
-
-def mmap_large_allocations(threshold: int = 64 * 1024) -> bool:
-    """Makes glibc mmap (and on free, unmap) every allocation over ``threshold`` bytes."""
-    try:
-        return bool(ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, threshold))
-    except OSError:
-        return False
-
-
-def rss_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def peak_rss_delta_bytes(fn) -> int:
-    """Peak resident set during ``fn()`` above the resident set before it."""
-    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current VmRSS
-    before = rss_kib("VmRSS")
-    fn()
-    return (rss_kib("VmHWM") - before) * 1024
-
-
 def held_bytes(cls, params, generator) -> int:
-    """Bytes kept alive between forward and backward beyond parameters and outputs."""
-    saved = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+    """Bytes kept alive between forward and backward beyond parameters and outputs: the tensors
+    saved for backward and the posterior's tensor attributes."""
+    kept = {}
+
+    def forward():
         posterior = cls(params)
-        z = posterior.sample(generator=generator)
-        kl = posterior.kl()
-    held = saved + [v for v in vars(posterior).values() if isinstance(v, torch.Tensor)]
-    exclude = {t.untyped_storage().data_ptr() for t in (params, z, kl)}
-    storages = {}
-    for t in held:
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in exclude:
-            storages[storage.data_ptr()] = storage.nbytes()
-    return sum(storages.values())
+        kept["attributes"] = [v for v in vars(posterior).values() if isinstance(v, torch.Tensor)]
+        return posterior.sample(generator=generator), posterior.kl()
+
+    return saved_bytes(forward, [params], extra=lambda: kept["attributes"])
 
 
 def steps(cls, params, grad_z, grad_kl, seed):

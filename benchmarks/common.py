@@ -7,6 +7,7 @@ numbers and writes its JSON with :func:`write_result` under :data:`RESULTS_DIR`.
 
 from __future__ import annotations
 
+import ctypes
 import datetime as _dt
 import json
 import os
@@ -193,6 +194,52 @@ def save_result(args, kind: str, payload: dict) -> int:
     the path and returns 0 (a benchmark's exit status)."""
     print(write_result(args.out or result_path(kind, quick=args.quick), payload))
     return 0
+
+
+M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
+
+
+def mmap_large_allocations(threshold: int = 64 * 1024) -> bool:
+    """Makes glibc mmap (and on free, unmap) every allocation over ``threshold`` bytes, so
+    that the resident set follows what is allocated (for :func:`peak_rss_delta_bytes`)."""
+    try:
+        return bool(ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, threshold))
+    except OSError:
+        return False
+
+
+def rss_kib(field: str) -> int:
+    """A field of /proc/self/status in KiB (VmRSS, VmHWM)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def peak_rss_delta_bytes(fn) -> int:
+    """Peak resident set during ``fn()`` above the resident set before it (Linux)."""
+    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current VmRSS
+    before = rss_kib("VmRSS")
+    fn()
+    return (rss_kib("VmHWM") - before) * 1024
+
+
+def saved_bytes(fn, exclude, extra=None) -> int:
+    """Bytes of the distinct storages that autograd saves for backward while ``fn()`` runs
+    (``saved_tensors_hooks``) and of the tensors ``extra()`` names after it (e.g. attributes
+    kept alive), leaving out those of the tensors in ``exclude`` (the inputs, which the caller
+    holds anyway) and of ``fn``'s returned tensors."""
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = fn()
+    outs = out if isinstance(out, (tuple, list)) else (out,)
+    skip = {t.untyped_storage().data_ptr() for t in (*exclude, *outs) if isinstance(t, torch.Tensor)}
+    storages = {}
+    for t in saved + (list(extra()) if extra is not None else []):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in skip:
+            storages[storage.data_ptr()] = storage.nbytes()
+    return sum(storages.values())
 
 
 def us(seconds: float) -> str:

@@ -113,7 +113,8 @@ def bandwidth_keys(_text: str, work: Path) -> dict:
     return {
         "copy_GBps": round(data.get("copy_bytes_per_s", 0) / 1e9, 1),
         "fwd_bwd_fraction_of_copy": {
-            f"{c['backend']} {c['dtype']} {c['reduction']}": round(c["fwd_bwd_fraction_of_copy"], 3) for c in data["cases"]
+            f"{c['backend']} {c['dtype']} {c.get('reduction') or c['op']}": round(c["fwd_bwd_fraction_of_copy"], 3)
+            for c in data["cases"]
         },
         "complete": bool(data.get("complete")),
     }
@@ -144,6 +145,19 @@ def trainer_keys(_text: str, work: Path) -> dict:
                                                                  for side in ("trainer", "plain")]
                                for r in data["results"]},
         "over_eager_steady": data.get("over_eager_steady", {}),
+    }
+
+
+def terms_keys(_text: str, work: Path) -> dict:
+    """bench_terms.py's target checks and each case's speed-up of the fused op over the others."""
+    data = read_json(work / "bench_terms.json")
+    if not data:
+        return {}
+    return {
+        "target_checks": data.get("target_checks", {}),
+        "speedup_of_fused": {f"{threads} {case} {shape}": {k: round(v["median"], 3) for k, v in r["speedup_of_fused"].items()}
+                             for threads, cases in data["results"].items() for case, shapes in cases.items()
+                             for shape, r in shapes.items()},
     }
 
 
@@ -186,7 +200,7 @@ def key_function(name: str):
     if name.startswith("sanitizer"):
         return sanitizer_keys
     return {"gpu_tests": pytest_keys, "contract": pytest_keys, "build": build_keys, "bandwidth": bandwidth_keys,
-            "bench_gpu": bench_keys, "trainer": trainer_keys, "ncu": ncu_keys}.get(name)
+            "bench_gpu": bench_keys, "terms": terms_keys, "trainer": trainer_keys, "ncu": ncu_keys}.get(name)
 
 
 def read_json(path: Path):

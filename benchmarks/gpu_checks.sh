@@ -17,6 +17,8 @@
 #   contract          the shared contract suite on the device (-k "$CONTRACT_K")
 #   bandwidth         benchmarks/bandwidth.py: fwd and fwd+bwd at 64M elements vs. copy
 #   bench_gpu         benchmarks/bench_gpu.py --quick at the target sizes
+#   terms             benchmarks/bench_terms.py: the prior KL, the IWAE log-weight terms and the
+#                     Gaussian log density against eager PyTorch and torch.compile on the GPU
 #   trainer           benchmarks/bench_trainer.py on the GPU: `fused-vae train` eager and
 #                     --cuda-graphs against the plain loop (default run, IWAE net K = 5)
 #   sanitizer_driver  benchmarks/sanitizer_driver.py alone (every path of the CUDA kernels,
@@ -32,7 +34,7 @@
 #                             key numbers; the environment (GPU, driver, torch, triton,
 #                             CUDA, git commit, date)
 #   gpu_checks_logs.tar.gz    every log and raw result file (gpu_checks/logs/*.log,
-#                             bandwidth.json, bench_gpu.json, bench_trainer.json, junit XML,
+#                             bandwidth.json, bench_gpu.json, bench_terms.json, bench_trainer.json, junit XML,
 #                             the ncu report)
 # The logs are written under $GPU_CHECKS_WORK (default: a new folder in $TMPDIR or /tmp).
 #
@@ -90,7 +92,7 @@ for tool in $SANITIZER_TOOLS; do
   done
 done
 SAN_STEPS+=(sanitizer_memcheck_triton)
-STEPS=(env build gpu_tests contract bandwidth bench_gpu trainer sanitizer_driver "${SAN_STEPS[@]}" ncu)
+STEPS=(env build gpu_tests contract bandwidth bench_gpu terms trainer sanitizer_driver "${SAN_STEPS[@]}" ncu)
 STEP_LIST=$(IFS=,; echo "${STEPS[*]}")
 for name in ${ONLY//,/ }; do
   [[ ",$STEP_LIST," == *",$name,"* ]] || { echo "gpu_checks.sh: --only: no step $name (steps: $STEP_LIST)" >&2; exit 2; }
@@ -247,6 +249,12 @@ if [ "$DRY" = 1 ]; then
 else
   step bench_gpu 100 - "$PY" benchmarks/bench_gpu.py --quick --sizes "128x32;8x16x128x128;256x16x128x128" \
     --backends cuda,triton --out "$WORK/bench_gpu.json"
+fi
+
+if [ "$DRY" = 1 ]; then
+  step terms 240 - "$PY" benchmarks/bench_terms.py --device cpu --quick --threads 1 --out "$WORK/bench_terms.json"
+else
+  step terms 100 - "$PY" benchmarks/bench_terms.py --device cuda --min-run-time 0.3 --rounds 1 --out "$WORK/bench_terms.json"
 fi
 
 if [ "$DRY" = 1 ]; then  # the same script on the CPU: one short round of the default run

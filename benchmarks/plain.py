@@ -102,6 +102,76 @@ def plain_loss(plain: PlainMLPVAE, x: torch.Tensor, k: int, objective: str, eps:
     return -(torch.logsumexp(-recon + log_pz - log_qz, dim=0) - math.log(k)).mean()
 
 
+def _normal_log_density(x, mu, logvar):
+    """log N(x; mu, exp(logvar)) per element, as a user writes it."""
+    return -0.5 * ((x - mu).pow(2) * torch.exp(-logvar) + logvar + _LOG_2PI)
+
+
+def plain_two_layer_loss(model, x: torch.Tensor, k: int, objective: str) -> torch.Tensor:
+    """The K-sample loss of the IWAE paper's two-stochastic-layer net as plain PyTorch code
+    writes it, on the layers of a ``fused_vae.models.IWAETwoLayerVAE`` (its ``encoder`` q(h1|x),
+    ``encoder2`` q(h2|h1), ``decoder2`` p(h1|h2), ``decoder`` p(x|h1)): ``torch.randn`` noise,
+    the Gaussian log densities written out, the closed-form KL of h2 for the ELBO, logsumexp
+    over the K samples for IWAE. A float32 scalar."""
+    mu1, lv1 = model.encoder(x).chunk(2, dim=-1)
+    eps1 = torch.randn(k, *mu1.shape, dtype=mu1.dtype, device=mu1.device)
+    h1 = mu1 + torch.exp(0.5 * lv1) * eps1  # [K, B, 100]
+    mu2, lv2 = model.encoder2(h1).chunk(2, dim=-1)
+    eps2 = torch.randn_like(mu2)
+    h2 = mu2 + torch.exp(0.5 * lv2) * eps2  # [K, B, 50]
+    pm1, plv1 = model.decoder2(h2).chunk(2, dim=-1)
+    logits = model.decoder(h1)
+    target = x.flatten(1).expand_as(logits)
+    log_px = -F.binary_cross_entropy_with_logits(logits, target, reduction="none").sum(-1)  # [K, B]
+    log_q1 = (-0.5 * eps1.pow(2) - 0.5 * lv1 - 0.5 * _LOG_2PI).sum(-1)
+    log_p1 = _normal_log_density(h1, pm1, plv1).sum(-1)
+    if objective == "elbo":
+        kl2 = 0.5 * torch.sum(mu2.pow(2) + lv2.exp() - lv2 - 1, dim=-1)
+        return -(log_px + log_p1 - log_q1 - kl2).mean()
+    log_q2 = (-0.5 * eps2.pow(2) - 0.5 * lv2 - 0.5 * _LOG_2PI).sum(-1)
+    log_p2 = (-0.5 * h2.pow(2) - 0.5 * _LOG_2PI).sum(-1)
+    log_w = log_px + log_p1 + log_p2 - log_q1 - log_q2
+    return -(torch.logsumexp(log_w, dim=0) - math.log(k)).mean()
+
+
+def plain_topdown_loss(model, x: torch.Tensor, k: int, objective: str) -> torch.Tensor:
+    """The K-sample loss of a top-down hierarchical VAE as plain PyTorch code (VDVAE's style)
+    writes it, on the layers of a ``fused_vae.models.TopDownVAE`` (its bottom-up ``encoder``,
+    each block's ``prior``, ``posterior``, ``merge`` and ``up``, the ``decoder``): per layer
+    ``torch.randn`` noise, the sample, the analytic KL to the learned prior summed per example,
+    and for IWAE each sample's log q - log p; the top layer draws the K samples. A float32 scalar."""
+    b = x.shape[0]
+    feats = model.encoder(x)
+    state = model.top_state.expand(b, *model.top_state.shape[1:])
+    kl_total, ratio_total, drawn = 0.0, 0.0, 1
+    for l in reversed(range(len(model.blocks))):
+        block = model.blocks[l]
+        d = feats[l] if drawn == 1 else feats[l].unsqueeze(0).expand(drawn, *feats[l].shape).flatten(0, 1)
+        pm, plv = block.prior(state).chunk(2, dim=1)
+        mu, lv = block.posterior(torch.cat([d, state], dim=1)).chunk(2, dim=1)
+        n = k if drawn == 1 else 1
+        eps = torch.randn(n, *mu.shape, dtype=mu.dtype, device=mu.device)
+        z = mu + torch.exp(0.5 * lv) * eps  # [n, N, ...]
+        kl = (-0.5 + 0.5 * (plv - lv) + 0.5 * (lv.exp() + (mu - pm).pow(2)) / plv.exp()).flatten(1).sum(-1)
+        kl_total = kl_total + (kl if drawn == 1 else kl.reshape(drawn, b).mean(0))
+        if objective == "iwae":
+            log_q = (-0.5 * eps.pow(2) - 0.5 * lv).flatten(2).sum(-1)
+            log_p = (-0.5 * (z - pm).pow(2) / plv.exp() - 0.5 * plv).flatten(2).sum(-1)
+            ratio_total = ratio_total + (log_q - log_p).reshape(k, b)
+        if drawn == 1:
+            z = z.flatten(0, 1)
+            state = state.unsqueeze(0).expand(n, *state.shape).flatten(0, 1)
+            drawn = n
+        else:
+            z = z[0]
+        state = block.up(state + block.merge(torch.cat([state, z], dim=1)))
+    logits = model.decoder(state).reshape(k, b, -1)
+    log_px = -F.binary_cross_entropy_with_logits(logits, x.flatten(1).expand_as(logits), reduction="none").sum(-1)
+    if objective == "elbo":
+        return -(log_px.mean(0) - kl_total).mean()
+    return -(torch.logsumexp(log_px - ratio_total, dim=0) - math.log(k)).mean()
+
+
 def plain_scheduler(optimizer, schedule: str, *, total_steps: int, steps_per_epoch: int, min_ratio: float = 0.1):
     """The trainer's learning-rate schedules (no warm-up) from torch's own schedulers, stepped once per
     optimizer step: ``cosine`` (to ``min_ratio`` x lr at ``total_steps``), ``constant``, or ``iwae``
@@ -125,7 +195,9 @@ class PlainLoop:
     """The training loop a user would write around ``model``, one step per :meth:`step`: shuffled
     batches of ``batch_size`` from ``train_x`` (``[N, ...]`` in [0, 1]; a new ``randperm`` each
     epoch, the last partial batch dropped), ``torch.bernoulli`` binarization when
-    ``dynamic_binarize``, :func:`plain_loss` (``torch.compile``-d when ``compile_loss``),
+    ``dynamic_binarize``, ``loss`` (:func:`plain_loss` of a :class:`PlainMLPVAE`, or
+    :func:`plain_two_layer_loss` / :func:`plain_topdown_loss` of the hierarchical nets;
+    ``torch.compile``-d when ``compile_loss``),
     backward, gradient-norm clipping (when ``grad_clip`` > 0), fused AdamW (no weight decay)
     and :func:`plain_scheduler` over ``total_steps``.
 
@@ -133,16 +205,16 @@ class PlainLoop:
     those parts on and off (benchmarks/trainer_breakdown.py times them).
     """
 
-    def __init__(self, model: PlainMLPVAE, train_x: torch.Tensor, *, total_steps: int, batch_size: int,
+    def __init__(self, model: nn.Module, train_x: torch.Tensor, *, total_steps: int, batch_size: int,
                  objective: str = "elbo", k: int = 1, lr: float = 1e-3, adam_eps: float = 1e-8,
                  grad_clip: float = 100.0, schedule: str = "cosine", dynamic_binarize: bool = False,
-                 compile_loss: bool = False):
+                 compile_loss: bool = False, loss=plain_loss):
         self.model, self.train_x, self.batch_size, self.objective, self.k = model, train_x, batch_size, objective, k
         self.grad_clip = grad_clip
         self.opt = torch.optim.AdamW(model.parameters(), lr=lr, eps=adam_eps, weight_decay=0.0, fused=True)
         self.per_epoch = train_x.shape[0] // batch_size
         self.sched = plain_scheduler(self.opt, schedule, total_steps=total_steps, steps_per_epoch=self.per_epoch)
-        self.loss_fn = torch.compile(plain_loss) if compile_loss else plain_loss
+        self.loss_fn = torch.compile(loss) if compile_loss else loss
         self.binarize, self.clip, self.update = dynamic_binarize, grad_clip > 0, True
         self.steps_done, self.order = 0, None
 
@@ -167,7 +239,7 @@ class PlainLoop:
         return loss
 
 
-def train_plain(model: PlainMLPVAE, train_x: torch.Tensor, *, steps: int, batch_size: int, log_every: int = 50,
+def train_plain(model: nn.Module, train_x: torch.Tensor, *, steps: int, batch_size: int, log_every: int = 50,
                 **loop_kwargs) -> list[tuple[int, float]]:
     """``steps`` steps of :class:`PlainLoop` (``batch_size`` and ``loop_kwargs`` are its
     arguments; ``total_steps=steps``); every ``log_every`` steps it reads the loss back, as a

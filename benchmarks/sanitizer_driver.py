@@ -4,9 +4,11 @@ Calls the ops of docs/design.md section 8 directly (forward, backward, the backw
 expanded or absent output gradients) for every case of :func:`cases`: each dtype x each
 shape of the (size, backend) table (CUDA_SHAPES reach every tiling path of the CUDA
 kernels) x each KL mode, with the number of samples (0, 1, 3), the alignment (16-byte
-aligned or one element past it) and the logvar clamp cycled over the cases; in the full
-CUDA table every pair of dtype, shape and KL mode meets every sample count (samples 0
-only with a KL) and both alignments. Every output must be finite (the emulated device fills outputs with NaN first, so an
+aligned or one element past it), the logvar clamp, a learned prior (or N(0, I)) and the
+log-density mode cycled over the cases; in the full CUDA table every pair of dtype, shape
+and KL mode meets every sample count (samples 0 only with a KL) and both alignments. Each
+case also runs gaussian_log_prob (forward, backward, expanded or absent gradient) with the
+KL mode as its reduction (per_sample for 0). Every output must be finite (the emulated device fills outputs with NaN first, so an
 element that no thread writes fails there). Prints each case before running it, so a
 sanitizer report can be matched to its case.
 
@@ -30,7 +32,7 @@ import sys
 import time
 from dataclasses import dataclass
 
-# Tile sizes of the CUDA kernels (csrc/cuda/reparam_kl_launch.h): 1024 elements for
+# Tile sizes of the CUDA kernels (csrc/cuda/launch_common.h): 1024 elements for
 # float32 / float64, 2048 for 16-bit types; one block finishes alone when
 # tiles x samples <= 8.
 CUDA_SHAPES = [
@@ -67,7 +69,8 @@ OP_PREFIX = {("cuda", "cuda"): "reparam_kl", ("cuda", "cpu"): "cuda_emu_reparam_
 @dataclass(frozen=True)
 class Case:
     """One call pattern of the ops: dtype name, mu's shape, samples, KL mode, a data offset of
-    0 or 1 element (1: not 16-byte aligned, the scalar path) and whether logvar is clamped."""
+    0 or 1 element (1: not 16-byte aligned, the scalar path), whether logvar is clamped,
+    whether a learned prior is given and the log-density mode (0 without samples)."""
 
     backend: str
     dtype: str
@@ -76,10 +79,12 @@ class Case:
     kl_mode: int
     shift: int
     clamp: bool
+    prior: bool = False
+    logq_mode: int = 0
 
     def __str__(self) -> str:
         return (f"{self.backend} {self.dtype} {list(self.shape)} samples={self.num_samples} kl_mode={self.kl_mode} "
-                f"shift={self.shift} clamp={self.clamp}")
+                f"shift={self.shift} clamp={self.clamp} prior={self.prior} logq_mode={self.logq_mode}")
 
 
 def cases(size: str, backends: list[str]) -> list[Case]:
@@ -94,7 +99,9 @@ def cases(size: str, backends: list[str]) -> list[Case]:
                     if samples == 0 and mode == 0:
                         samples = 1  # no output at all: the op returns before any kernel
                     shift = (si + mode + di // 2) % 2
-                    out.append(Case(backend, dtype, shape, samples, mode, shift, clamp=(di + mode) % 2 == 1))
+                    logq_mode = (di + si + 2 * mode) % 5 if samples else 0
+                    out.append(Case(backend, dtype, shape, samples, mode, shift, clamp=(di + mode) % 2 == 1,
+                                    prior=(si + mode) % 2 == 1, logq_mode=logq_mode))
     return out
 
 
@@ -109,31 +116,53 @@ def shard(items: list, spec: str) -> list:
     return items[k - 1 :: n]
 
 
+def _shifted(n: int, shape, case: Case, device: str, dtype):
+    """A fresh normal tensor of ``shape`` in its own (16-byte aligned) allocation, viewed from
+    element ``case.shift``."""
+    import torch
+
+    return torch.randn(n + 8, device=device).to(dtype)[case.shift : case.shift + n].view(shape)
+
+
+def _backwards(bwd, grads, args, expandable: bool):
+    """The backward with ``grads``; then with expanded (stride-0) gradients, which the kernels
+    read in place, when ``expandable``, else with the first gradient alone."""
+    import torch
+
+    outs = list(bwd(*grads, *args))
+    if expandable:
+        expanded = [None if g is None else torch.ones((), dtype=g.dtype, device=g.device).expand_as(g) for g in grads]
+        outs += bwd(*expanded, *args)
+    elif sum(g is not None for g in grads) > 1:
+        outs += bwd(grads[0], *([None] * (len(grads) - 1)), *args)
+    return outs
+
+
 def run_case(case: Case, device: str):
-    """Runs the forward, the backward, and the backward with expanded (stride-0) or absent
-    output gradients; returns the outputs to check."""
+    """Runs the sampling op and gaussian_log_prob: forward, backward, and backward with
+    expanded (stride-0) or absent output gradients; returns the outputs to check."""
     import torch
 
     prefix = OP_PREFIX[(case.backend, device)]
-    fwd = getattr(torch.ops.fused_vae, f"{prefix}_fwd")
-    bwd = getattr(torch.ops.fused_vae, f"{prefix}_bwd")
+    ops = torch.ops.fused_vae
     dtype = getattr(torch, case.dtype)
     n = math.prod(case.shape)
-    # Separate allocations (each 16-byte aligned), viewed from element `shift`.
-    mu = torch.randn(n + 8, device=device).to(dtype)[case.shift : case.shift + n].view(case.shape)
-    lv = torch.randn(n + 8, device=device).to(dtype)[case.shift : case.shift + n].view(case.shape)
+    mu, lv = (_shifted(n, case.shape, case, device, dtype) for _ in range(2))
+    pm, pl = (_shifted(n, case.shape, case, device, dtype) for _ in range(2)) if case.prior else (None, None)
     seed = torch.tensor(1234, device=device)
     lo, hi = CLAMP if case.clamp else (None, None)
-    args = (mu, lv, seed, case.num_samples, case.kl_mode, lo, hi)
-    z, kl = fwd(*args)
-    gz = torch.randn_like(z) if case.num_samples else None
-    gkl = torch.randn_like(kl) if case.kl_mode else None
-    outs = [z, kl, *bwd(gz, gkl, *args)]
-    if gz is not None and case.kl_mode in (1, 2):  # expanded scalars are read in place
-        one = torch.ones((), dtype=z.dtype, device=device)
-        outs += bwd(one.expand_as(z), one.to(kl.dtype).expand_as(kl), *args)
-    elif gz is not None and gkl is not None:  # a gradient for z only
-        outs += bwd(gz, None, *args)
+    args = (mu, lv, pm, pl, seed, case.num_samples, case.kl_mode, case.logq_mode, lo, hi)
+    fwd_outs = getattr(ops, f"{prefix}_fwd")(*args)
+    grads = [torch.randn_like(t) if t.numel() else None for t in fwd_outs]
+    expandable = grads[0] is not None and case.kl_mode in (1, 2)
+    outs = [*fwd_outs, *_backwards(getattr(ops, f"{prefix}_bwd"), grads, args, expandable)]
+    # gaussian_log_prob of a third tensor, the KL mode as its reduction (per_sample for 0).
+    lp_prefix = prefix.removesuffix("reparam_kl") + "gaussian_log_prob"
+    lp_args = (_shifted(n, case.shape, case, device, dtype), mu, lv, case.kl_mode or 2, lo, hi)
+    log_prob = getattr(ops, f"{lp_prefix}_fwd")(*lp_args)
+    lp_bwd = getattr(ops, f"{lp_prefix}_bwd")
+    outs += [log_prob, *_backwards(lp_bwd, [torch.randn_like(log_prob)], lp_args, case.kl_mode in (1, 2))]
+    outs += lp_bwd(None, *lp_args)
     return outs
 
 

@@ -1,30 +1,37 @@
-// The fused_vae ops: their schemas and the forward op's autograd kernel (all devices).
+// The fused_vae ops: their schemas and one autograd kernel for every forward op (all devices).
 //
-// fused_vae/backends/protocol.py holds the same schemas (a test compares the texts) and
-// docs/design.md section 8 the protocol. Device implementations live in cpu/ and cuda/;
-// fake (meta) impls and the backward op's derivative are registered by
-// fused_vae/backends/registration.py.
+// The schemas come from fused_vae/schemas.h (fused_vae/backends/protocol.py derives the same
+// strings; a test compares them) and docs/design.md section 8 is the protocol. Device
+// implementations live in cpu/ and cuda/; fake (meta) impls and the backward ops'
+// derivatives are registered by fused_vae/backends/registration.py.
 //
-// Autograd: backward calls fused_vae::reparam_kl_bwd, which regenerates eps from the
-// saved seed; only mu, logvar and the seed are saved. When the backward itself is being
-// recorded (create_graph=True) the backward op is called through autograd, which gives it
-// its own derivative; otherwise it is called below autograd, so a training step runs no
-// Python between the user's code and the kernels.
+// Autograd, written once for every op family: the kernel saves the forward op's tensor
+// arguments (the inputs and the seed; the noise is regenerated, never saved) and its other
+// arguments, and backward calls the paired <name>_bwd op with the output gradients (absent
+// or empty ones as None) and the same arguments; it returns a gradient per differentiable
+// input, which is every tensor argument before the first non-differentiable one (the
+// backward op's return count). When the backward itself is being recorded
+// (create_graph=True) the backward op is called through autograd, which gives it its own
+// derivative; otherwise below autograd, so a training step runs no Python between the
+// user's code and the kernels.
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
 
-#include "fused_vae/elementwise.h"
+#include <algorithm>
+#include <mutex>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+#include "fused_vae/schemas.h"
 
 TORCH_LIBRARY(fused_vae, m) {
-  // Returns (z [num_samples, *mu.shape] or [0], kl per kl_mode or [0]).
-  m.def(
-      "reparam_kl_fwd(Tensor mu, Tensor logvar, Tensor seed, int num_samples, int kl_mode, "
-      "float? clamp_lo, float? clamp_hi) -> (Tensor, Tensor)");
-  // Returns (grad_mu, grad_logvar); eps is regenerated from seed.
-  m.def(
-      "reparam_kl_bwd(Tensor? grad_z, Tensor? grad_kl, Tensor mu, Tensor logvar, Tensor seed, "
-      "int num_samples, int kl_mode, float? clamp_lo, float? clamp_hi) -> (Tensor, Tensor)");
+#define FV_DEFINE_OP(name, fwd_schema, bwd_schema) \
+  m.def(#name "_fwd" fwd_schema);                  \
+  m.def(#name "_bwd" bwd_schema);
+  FV_FOR_EACH_OP(FV_DEFINE_OP)
+#undef FV_DEFINE_OP
 }
 
 namespace fused_vae {
@@ -32,91 +39,120 @@ namespace {
 
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
-using OptDouble = c10::optional<double>;
-using TensorPair = std::tuple<at::Tensor, at::Tensor>;
 
-const c10::TypedOperatorHandle<TensorPair(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                          int64_t, int64_t, OptDouble, OptDouble)>&
-fwd_op() {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("fused_vae::reparam_kl_fwd", "")
-                             .typed<TensorPair(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                               int64_t, int64_t, OptDouble, OptDouble)>();
-  return op;
+// A forward op, its backward op and how many differentiable inputs lead its arguments.
+struct OpPair {
+  c10::OperatorHandle fwd;
+  c10::OperatorHandle bwd;
+  size_t num_inputs;
+};
+
+const OpPair& op_pair(const c10::OperatorHandle& fwd) {
+  static std::mutex mutex;
+  static std::unordered_map<std::string, OpPair> pairs;
+  const std::string& name = fwd.schema().name();
+  std::lock_guard<std::mutex> lock(mutex);
+  auto it = pairs.find(name);
+  if (it == pairs.end()) {
+    const std::string bwd_name = name.substr(0, name.size() - 4) + "_bwd";  // "..._fwd" -> "..._bwd"
+    auto bwd = c10::Dispatcher::singleton().findSchemaOrThrow(bwd_name.c_str(), "");
+    it = pairs.emplace(name, OpPair{fwd, bwd, bwd.schema().returns().size()}).first;
+  }
+  return it->second;
 }
 
-const c10::TypedOperatorHandle<TensorPair(const c10::optional<at::Tensor>&,
-                                          const c10::optional<at::Tensor>&, const at::Tensor&,
-                                          const at::Tensor&, const at::Tensor&, int64_t, int64_t,
-                                          OptDouble, OptDouble)>&
-bwd_op() {
-  static const auto op =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow("fused_vae::reparam_kl_bwd", "")
-          .typed<TensorPair(const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&,
-                            const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, int64_t,
-                            OptDouble, OptDouble)>();
-  return op;
-}
+// The forward op's whole argument list; the differentiable inputs that were given are
+// passed to apply() separately, as autograd's inputs.
+struct OpCall {
+  const OpPair* pair;
+  std::vector<c10::IValue> args;
+};
 
-class ReparamKl : public torch::autograd::Function<ReparamKl> {
+class FusedOp : public torch::autograd::Function<FusedOp> {
  public:
-  static variable_list forward(AutogradContext* ctx, const at::Tensor& mu, const at::Tensor& logvar,
-                               const at::Tensor& seed, int64_t num_samples, int64_t kl_mode,
-                               OptDouble clamp_lo, OptDouble clamp_hi) {
-    at::Tensor z, kl;
+  static variable_list forward(AutogradContext* ctx, at::TensorList /*given inputs*/, const OpCall& call) {
+    torch::jit::Stack stack(call.args);
     {
       at::AutoDispatchBelowADInplaceOrView below_autograd;
-      std::tie(z, kl) = fwd_op().call(mu, logvar, seed, num_samples, kl_mode, clamp_lo, clamp_hi);
+      call.pair->fwd.callBoxed(stack);
     }
-    ctx->save_for_backward({mu, logvar, seed});
-    ctx->saved_data["num_samples"] = num_samples;
-    ctx->saved_data["kl_mode"] = kl_mode;
-    ctx->saved_data["clamp_lo"] = clamp_lo;
-    ctx->saved_data["clamp_hi"] = clamp_hi;
+    // Tensor arguments are saved (version-checked); the rest stay as values, with None
+    // marking where a saved tensor goes back.
+    std::vector<at::Tensor> tensors;
+    c10::impl::GenericList rest(c10::AnyType::get());
+    c10::List<bool> is_tensor;
+    for (const c10::IValue& a : call.args) {
+      is_tensor.push_back(a.isTensor());
+      if (a.isTensor()) {
+        tensors.push_back(a.toTensor());
+        rest.push_back(c10::IValue());
+      } else {
+        rest.push_back(a);
+      }
+    }
+    ctx->save_for_backward(tensors);
+    ctx->saved_data["rest"] = rest;
+    ctx->saved_data["is_tensor"] = is_tensor;
+    ctx->saved_data["pair"] = reinterpret_cast<int64_t>(call.pair);  // op_pair's entries never move
     ctx->set_materialize_grads(false);
-    if (num_samples == 0) ctx->mark_non_differentiable({z});
-    if (kl_mode == kKlSkip) ctx->mark_non_differentiable({kl});
-    return {z, kl};
+    variable_list outs;
+    outs.reserve(stack.size());
+    for (c10::IValue& v : stack) outs.push_back(std::move(v).toTensor());
+    return outs;
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto* pair = reinterpret_cast<const OpPair*>(ctx->saved_data["pair"].toInt());
     const auto saved = ctx->get_saved_variables();
-    const int64_t num_samples = ctx->saved_data["num_samples"].toInt();
-    const int64_t kl_mode = ctx->saved_data["kl_mode"].toInt();
-    const OptDouble lo = ctx->saved_data["clamp_lo"].toOptional<double>();
-    const OptDouble hi = ctx->saved_data["clamp_hi"].toOptional<double>();
-    c10::optional<at::Tensor> grad_z, grad_kl;
-    if (grads[0].defined() && num_samples > 0) grad_z = grads[0];
-    if (grads[1].defined() && kl_mode != kKlSkip) grad_kl = grads[1];
-    variable_list out(7);
-    if (!grad_z.has_value() && !grad_kl.has_value()) return out;
-    at::Tensor grad_mu, grad_lv;
+    const auto rest = ctx->saved_data["rest"].toList();
+    const auto is_tensor = ctx->saved_data["is_tensor"].toBoolList();
+    torch::jit::Stack stack;
+    bool any = false;
+    for (const at::Tensor& g : grads) {  // an output without elements contributes nothing
+      const bool used = g.defined() && g.sym_numel() != 0;
+      any = any || used;
+      stack.emplace_back(used ? c10::IValue(g) : c10::IValue());
+    }
+    std::vector<bool> given;  // which differentiable inputs were given
+    size_t k = 0;
+    for (size_t i = 0; i < rest.size(); ++i) {
+      if (i < pair->num_inputs) given.push_back(is_tensor[i]);
+      stack.emplace_back(is_tensor[i] ? c10::IValue(saved[k++]) : c10::IValue(rest.get(i)));
+    }
+    const size_t num_given = std::count(given.begin(), given.end(), true);
+    variable_list out(num_given + 1);  // the given inputs, then the OpCall argument
+    if (!any) return out;
     if (at::GradMode::is_enabled()) {  // create_graph=True: record the backward op too
-      std::tie(grad_mu, grad_lv) =
-          bwd_op().call(grad_z, grad_kl, saved[0], saved[1], saved[2], num_samples, kl_mode, lo, hi);
+      pair->bwd.callBoxed(stack);
     } else {
       at::AutoDispatchBelowADInplaceOrView below_autograd;
-      std::tie(grad_mu, grad_lv) =
-          bwd_op().call(grad_z, grad_kl, saved[0], saved[1], saved[2], num_samples, kl_mode, lo, hi);
+      pair->bwd.callBoxed(stack);
     }
-    out[0] = grad_mu;
-    out[1] = grad_lv;
+    for (size_t i = 0, j = 0; i < pair->num_inputs; ++i) {
+      if (given[i]) out[j++] = stack[i].toTensor();
+    }
     return out;
   }
 };
 
-TensorPair reparam_kl_fwd_autograd(const at::Tensor& mu, const at::Tensor& logvar, const at::Tensor& seed,
-                                   int64_t num_samples, int64_t kl_mode, OptDouble clamp_lo,
-                                   OptDouble clamp_hi) {
-  auto out = ReparamKl::apply(mu, logvar, seed, num_samples, kl_mode, clamp_lo, clamp_hi);
-  return {out[0], out[1]};
+// The Autograd kernel of every forward op, boxed: one definition for any argument list.
+void fused_autograd(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
+  const OpPair& pair = op_pair(op);
+  OpCall call{&pair, torch::jit::pop(*stack, op.schema().arguments().size())};
+  std::vector<at::Tensor> given;
+  for (size_t i = 0; i < pair.num_inputs; ++i) {
+    if (call.args[i].isTensor()) given.push_back(call.args[i].toTensor());
+  }
+  for (at::Tensor& out : FusedOp::apply(at::TensorList(given), call)) stack->emplace_back(std::move(out));
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fused_vae, Autograd, m) {
-  m.impl("reparam_kl_fwd", &reparam_kl_fwd_autograd);
+#define FV_AUTOGRAD_OP(name, fwd_schema, bwd_schema) \
+  m.impl(#name "_fwd", torch::CppFunction::makeFromBoxedFunction<&fused_autograd>());
+  FV_FOR_EACH_OP(FV_AUTOGRAD_OP)
+#undef FV_AUTOGRAD_OP
 }
 
 }  // namespace fused_vae

@@ -8,54 +8,91 @@ from collections.abc import Sequence
 
 import torch
 
-from .backends.protocol import KL_MODES, SUPPORTED_DTYPES, unsupported_dtype
+from .backends.protocol import LOGQ_MODES, LOGQ_SKIP, REDUCTION_MODES, SUPPORTED_DTYPES, unsupported_dtype
 
 SEED_MAX = 2**64
 
 
-def check_pair(mu: object, logvar: object) -> None:
-    """Checks that mu and logvar are tensors of one supported dtype, shape and device.
+def check_tensors(*named: tuple[str, object]) -> None:
+    """Checks that ``(name, tensor)`` pairs are tensors of one supported dtype, shape and
+    device (the first is the reference the others must match).
 
     Raises:
         TypeError: a non-tensor, an unsupported dtype, or differing dtypes.
         ValueError: a 0-d tensor, differing shapes or differing devices.
     """
-    if (  # the common case in one expression; any mistake takes the path below for its message
-        type(mu) is torch.Tensor
-        and type(logvar) is torch.Tensor
-        and mu.dtype in SUPPORTED_DTYPES
-        and logvar.dtype == mu.dtype
-        and logvar.shape == mu.shape
-        and mu.dim() >= 1
-        and logvar.device == mu.device
-    ):
+    ref_name, ref = named[0]
+    if type(ref) is torch.Tensor and ref.dtype in SUPPORTED_DTYPES and ref.dim() >= 1 and all(
+        type(t) is torch.Tensor and t.dtype == ref.dtype and t.shape == ref.shape and t.device == ref.device
+        for _, t in named[1:]
+    ):  # the common case in one expression; any mistake takes the path below for its message
         return
-    for name, t in (("mu", mu), ("logvar", logvar)):
+    for name, t in named:
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
         if t.dtype not in SUPPORTED_DTYPES:
             raise unsupported_dtype(name, t.dtype)
         if t.dim() < 1:
             raise ValueError(f"{name} must be at least 1-D with the batch first ([B, ...]), got a 0-d tensor")
-    assert isinstance(mu, torch.Tensor) and isinstance(logvar, torch.Tensor)
-    if logvar.dtype != mu.dtype:
-        raise TypeError(f"logvar dtype {logvar.dtype} must match mu dtype {mu.dtype}")
-    if logvar.shape != mu.shape:
-        raise ValueError(f"logvar shape {tuple(logvar.shape)} must match mu shape {tuple(mu.shape)}")
-    if logvar.device != mu.device:
-        raise ValueError(f"logvar is on {logvar.device} but mu is on {mu.device}; both must be on one device")
+    assert isinstance(ref, torch.Tensor)
+    for name, t in named[1:]:
+        assert isinstance(t, torch.Tensor)
+        if t.dtype != ref.dtype:
+            raise TypeError(f"{name} dtype {t.dtype} must match {ref_name} dtype {ref.dtype}")
+        if t.shape != ref.shape:
+            raise ValueError(f"{name} shape {tuple(t.shape)} must match {ref_name} shape {tuple(ref.shape)}")
+        if t.device != ref.device:
+            raise ValueError(f"{name} is on {t.device} but {ref_name} is on {ref.device}; they must be on one device")
 
 
-def kl_mode(reduction: object) -> int:
-    """The op's KL mode for a public ``reduction`` name.
+def check_pair(mu: object, logvar: object) -> None:
+    """:func:`check_tensors` of a posterior's ``mu`` and ``logvar``."""
+    check_tensors(("mu", mu), ("logvar", logvar))
+
+
+def check_prior(prior: object, mu: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """``(prior_mu, prior_logvar)`` of a ``prior`` argument: ``(None, None)`` for None (N(0, I)).
+
+    Raises:
+        TypeError: not None or a pair of tensors; a dtype other than mu's.
+        ValueError: a shape or device other than mu's.
+    """
+    if prior is None:
+        return None, None
+    if isinstance(prior, torch.Tensor) or not isinstance(prior, Sequence) or len(prior) != 2:
+        raise TypeError(f"prior must be None or a pair (prior_mu, prior_logvar) of tensors, got {type(prior).__name__}")
+    prior_mu, prior_logvar = prior
+    check_tensors(("mu", mu), ("prior_mu", prior_mu), ("prior_logvar", prior_logvar))
+    return prior_mu, prior_logvar
+
+
+def reduction_mode(reduction: object) -> int:
+    """The op's reduction mode for a public ``reduction`` name.
 
     Raises:
         ValueError: reduction is not one of 'none', 'per_sample', 'sum', 'batchmean'.
     """
-    if not isinstance(reduction, str) or reduction not in KL_MODES:
-        names = ", ".join(repr(k) for k in KL_MODES)
+    if not isinstance(reduction, str) or reduction not in REDUCTION_MODES:
+        names = ", ".join(repr(k) for k in REDUCTION_MODES)
         raise ValueError(f"reduction must be one of {names}, got {reduction!r}")
-    return KL_MODES[reduction]
+    return REDUCTION_MODES[reduction]
+
+
+def logq_mode(log_density: object, path_gradient: object) -> int:
+    """The sampling op's log-density mode for :func:`fused_vae.sample_gaussian`'s arguments.
+
+    Raises:
+        ValueError: log_density is not None, 'q' or 'ratio'.
+        TypeError: path_gradient is not a bool.
+    """
+    if not isinstance(path_gradient, bool):
+        raise TypeError(f"path_gradient must be a bool, got {type(path_gradient).__name__}")
+    if log_density is None:
+        return LOGQ_SKIP
+    mode = LOGQ_MODES.get((log_density, path_gradient)) if isinstance(log_density, str) else None
+    if mode is None:
+        raise ValueError(f"log_density must be None, 'q' or 'ratio', got {log_density!r}")
+    return mode
 
 
 def check_num_samples(num_samples: object) -> int:

@@ -33,23 +33,27 @@ KL_TOL = {**Z_TOL, torch.float64: dict(rtol=1e-10, atol=1e-10)}
 # Reduced KL accumulates in float32 (float64 for float64 inputs), whatever the input dtype.
 REDUCED_KL_TOL = {dt: dict(rtol=2e-5, atol=1e-4) for dt in (torch.float32, torch.float16, torch.bfloat16)}
 REDUCED_KL_TOL[torch.float64] = dict(rtol=1e-10, atol=1e-10)
+# A sample's log density sums terms of the float32 noise (eps^2): the noise's rounding sets
+# the float64 tolerance; the others are the reduced KL's.
+LOG_DENSITY_TOL = {**REDUCED_KL_TOL, torch.float64: dict(rtol=2e-6, atol=2e-6)}
 
-# The ops each (backend, device) case runs (the reference backend has none).
+# The prefix of the ops each (backend, device) case runs (the reference backend has none).
 _OP_PREFIX = {
-    ("cpu", "cpu"): "reparam_kl",
-    ("cuda", "cuda"): "reparam_kl",
-    ("cuda", "cpu"): "cuda_emu_reparam_kl",  # the emulated CUDA device
-    ("triton", "cuda"): "triton_reparam_kl",
-    ("triton", "cpu"): "triton_reparam_kl",
+    ("cpu", "cpu"): "",
+    ("cuda", "cuda"): "",
+    ("cuda", "cpu"): "cuda_emu_",  # the emulated CUDA device
+    ("triton", "cuda"): "triton_",
+    ("triton", "cpu"): "triton_",
 }
 
 
-def backend_op_pair(backend_case):
-    """(forward op, backward op) of a (backend, device) case, or None for the reference."""
+def backend_op_pair(backend_case, op: str = "reparam_kl"):
+    """(forward op, backward op) of op family ``op`` for a (backend, device) case, or None
+    for the reference backend."""
     prefix = _OP_PREFIX.get(tuple(backend_case))
     if prefix is None:
         return None
-    return getattr(torch.ops.fused_vae, f"{prefix}_fwd"), getattr(torch.ops.fused_vae, f"{prefix}_bwd")
+    return getattr(torch.ops.fused_vae, f"{prefix}{op}_fwd"), getattr(torch.ops.fused_vae, f"{prefix}{op}_bwd")
 
 
 def is_simulated(backend_case) -> bool:
@@ -93,6 +97,22 @@ def check_math(z, kl, mu, lv, seed, reduction, num_samples=None, clamp=None):
     else:
         assert kl.dtype == (torch.float64 if mu.dtype == torch.float64 else torch.float32)
         torch.testing.assert_close(kl.cpu().double(), expected, **REDUCED_KL_TOL[mu.dtype])
+
+
+EMPTY_SHAPES = [(0,), (0, 4), (3, 0)]
+
+
+def check_empty_reduced(got: torch.Tensor, shape, reduction: str) -> None:
+    """Asserts a reduced output of inputs of the empty ``shape`` (docs/design.md section 1):
+    empty or zeros per row, 0 for sum, NaN (0 / 0) for batchmean of B = 0, else 0."""
+    import math
+
+    expected = reduce64(torch.zeros(shape, dtype=torch.float64), reduction)
+    assert got.shape == expected.shape
+    if reduction == "batchmean" and shape[0] == 0:
+        assert math.isnan(got.item()), "0 / 0 like torch.mean of an empty tensor"
+    else:
+        torch.testing.assert_close(got.cpu().double(), expected)
 
 
 def misaligned(t: torch.Tensor, shift: int = 1) -> torch.Tensor:

@@ -83,3 +83,60 @@ def grads64(mu, logvar, seed, num_samples, reduction, gz, gkl, clamp=None):
     z = m + torch.exp(0.5 * lv) * eps
     kl = reduce64(0.5 * (m * m + torch.exp(lv) - lv - 1.0), reduction)
     return torch.autograd.grad((z, kl), (m, l_raw), (gz.double().cpu(), gkl.double().cpu()))
+
+
+HALF_LOG_2PI = 0.5 * np.log(2.0 * np.pi)
+
+
+def _leaf64(t):
+    return None if t is None else t.detach().double().cpu().requires_grad_()
+
+
+def _clamp64(t, clamp):
+    return t if clamp is None or t is None else t.clamp(min=clamp[0], max=clamp[1])
+
+
+def terms64(mu, logvar, seed, num_samples=None, prior=None, clamp=None, path=False):
+    """The sampling op's terms in float64, written from the densities themselves:
+    KL(N(m, v) || N(pm, pv)) = 0.5 (log pv/v + (v + (m - pm)^2)/pv - 1) per element and
+    log N(z; m, v) = -0.5 ((z - m)^2 / v + log v + log 2 pi) summed per sample and row.
+
+    Inputs become float64 CPU leaves that require grad, so autograd of the returned terms
+    gives independent gradients: the total derivative through z = m + sqrt(v) eps, or with
+    ``path=True`` the path derivative (m, v held constant inside log q). ``prior`` is None
+    (N(0, I)) or a pair; the clamp applies to both logvars.
+
+    Returns:
+        ``(leaves, z, kl, log_q, log_ratio)``: leaves ``[mu, logvar(, prior_mu, prior_logvar)]``;
+        z ``[S, *shape]`` (shape for num_samples=None); the elementwise KL; log q(z|x) and
+        log q(z|x) - log p(z), ``[S, B]`` (``[B]``).
+    """
+    m, raw_lv = _leaf64(mu), _leaf64(logvar)
+    leaves = [m, raw_lv]
+    lv = _clamp64(raw_lv, clamp)
+    if prior is None:
+        pm, plv = torch.zeros_like(m), torch.zeros_like(m)
+    else:
+        pm, raw_plv = _leaf64(prior[0]), _leaf64(prior[1])
+        leaves += [pm, raw_plv]
+        plv = _clamp64(raw_plv, clamp)
+    s = 1 if num_samples is None else num_samples
+    eps = torch.from_numpy(stream(seed, s * m.numel()).astype(np.float64)).reshape(s, *m.shape)
+    var, pvar = torch.exp(lv), torch.exp(plv)
+    z = m + torch.sqrt(var) * eps
+    kl = 0.5 * (torch.log(pvar / var) + (var + (m - pm) ** 2) / pvar - 1.0)
+    qm, qlv = (m.detach(), lv.detach()) if path else (m, lv)
+    log_q = (-0.5 * ((z - qm) ** 2 / torch.exp(qlv) + qlv + 2 * HALF_LOG_2PI)).reshape(s, m.shape[0], -1).sum(-1)
+    log_p = (-0.5 * ((z - pm) ** 2 / pvar + plv + 2 * HALF_LOG_2PI)).reshape(s, m.shape[0], -1).sum(-1)
+    if num_samples is None:
+        z, log_q, log_p = z[0], log_q[0], log_p[0]
+    return leaves, z, kl, log_q, log_q - log_p
+
+
+def log_prob64(x, mu, logvar, clamp=None):
+    """float64 elementwise ``log N(x; mu, exp(logvar))`` = ``-0.5 ((x - mu)^2 / var + log var + log 2 pi)``,
+    with float64 CPU leaves ``[x, mu, logvar]`` that require grad: ``(leaves, log_prob)``."""
+    leaves = [_leaf64(t) for t in (x, mu, logvar)]
+    d = leaves[0] - leaves[1]
+    lv = _clamp64(leaves[2], clamp)
+    return leaves, -0.5 * (d * d / torch.exp(lv) + lv + 2 * HALF_LOG_2PI)

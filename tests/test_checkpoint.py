@@ -87,6 +87,27 @@ def test_checkpoint_round_trip_and_contents(tmp_path):
     model.load_state_dict(ck["model"])
 
 
+def test_files_that_are_not_checkpoints_say_so_without_advising_weights_only_false(tmp_path):
+    """torch's own message for such files advises weights_only=False, which runs the file's code."""
+    torch.save({"model": torch.nn.Linear(2, 2)}, tmp_path / "module.pt")
+    from PIL import Image
+
+    Image.new("L", (4, 4)).save(tmp_path / "image.png")
+    (tmp_path / "notes.txt").write_text("hello\n")
+    expected = {
+        "module.pt": "not a fused_vae checkpoint: it holds Python objects (torch.nn.modules.linear.Linear), where a "
+                     "checkpoint holds only tensors, numbers, strings, lists and dicts; it was not loaded",
+        "image.png": r"not a fused_vae checkpoint: not a file written by torch.save (it starts with b'\x89PNG'",
+        "notes.txt": "not a fused_vae checkpoint: not a file written by torch.save (it starts with b'hell'",
+    }
+    for name, text in expected.items():
+        with pytest.raises(CheckpointError) as e:
+            load_checkpoint(tmp_path / name)
+        msg = str(e.value)
+        assert msg.startswith(f"cannot load checkpoint {tmp_path / name}: ") and text in msg, msg
+        assert "\n" not in msg and "weights_only" not in msg and "\x1b" not in msg
+
+
 def test_corrupt_and_foreign_checkpoints_raise_clear_errors(tmp_path):
     train(tiny(tmp_path, epochs=1))
     good = tmp_path / "run" / "checkpoints" / "last.pt"
@@ -106,7 +127,7 @@ def test_corrupt_and_foreign_checkpoints_raise_clear_errors(tmp_path):
             return (print, ("code ran",))
 
     (tmp_path / "evil.pt").write_bytes(pickle.dumps({"format": "fused_vae.checkpoint", "x": Evil()}, protocol=2))
-    with pytest.raises(CheckpointError, match=r"evil\.pt"):
+    with pytest.raises(CheckpointError, match=r"evil\.pt: not a fused_vae checkpoint: it holds Python objects"):
         load_checkpoint(tmp_path / "evil.pt")
     torch.save({"weights": torch.zeros(2)}, tmp_path / "foreign.pt")
     with pytest.raises(CheckpointError, match=r"foreign\.pt.*not a fused_vae checkpoint"):

@@ -134,26 +134,44 @@ def compiled():
     return results
 
 
+# The ATen glue of each op family (one TORCH_LIBRARY_IMPL each); the kernels are in the
+# torch-free headers below, instantiated in kernels_instantiate.cu.
+GLUE = ("log_prob_cuda.cu", "reparam_kl_cuda.cu")
+KERNEL_HEADERS = ("kernel_common.cuh", "launch_common.h", "log_prob_kernels.cuh", "log_prob_launch.h",
+                  "reparam_kl_kernels.cuh", "reparam_kl_launch.h")
+
+
 def test_sources_present():
     names = {s.name for s in SOURCES}
-    assert "kernels_instantiate.cu" in names and "reparam_kl_cuda.cu" in names, names
+    assert {"kernels_instantiate.cu", *GLUE} <= names, names
     # The kernels compile without torch: the nvcc check must never depend on torch headers.
     assert not uses_torch(CUDA_DIR / "kernels_instantiate.cu")
-    assert not TORCH_INCLUDE.search((CUDA_DIR / "reparam_kl_kernels.cuh").read_text())
-    assert not TORCH_INCLUDE.search((CUDA_DIR / "reparam_kl_launch.h").read_text())
+    for header in KERNEL_HEADERS:
+        assert not TORCH_INCLUDE.search((CUDA_DIR / header).read_text()), header
 
 
 def test_emulated_build_compiles_these_sources():
     # tests/test_cuda.py runs these files on the emulated device (as host C++), not copies of them.
     emulate = CSRC / "emulate"
     assert '#include "../cuda/kernels_instantiate.cu"' in (emulate / "emulated_kernels.cpp").read_text()
-    assert '#include "../cuda/reparam_kl_cuda.cu"' in (emulate / "emulated_ops.cpp").read_text()
+    ops = (emulate / "emulated_ops.cpp").read_text()
+    for glue in GLUE:
+        assert f'#include "../cuda/{glue}"' in ops, glue
     assert not list(emulate.glob("*.cu*")), "the emulated build must not hold kernel code of its own"
 
 
-def test_one_cuda_registration():
+def test_one_cuda_registration_per_op_family():
+    # Each family's glue registers its pair once (FV_CUDA_IMPL, cuda_glue.h, over the shared
+    # FV_IMPL_OP_PAIR: for CUDA tensors, or on the emulated device as cuda_emu_*); nothing
+    # else registers for CUDA.
     impls = [s.name for s in SOURCES if re.search(r"TORCH_LIBRARY_IMPL\s*\(\s*fused_vae\s*,\s*CUDA", s.read_text())]
-    assert impls == ["reparam_kl_cuda.cu"], impls
+    assert impls == [], impls
+    glue_header = (CUDA_DIR / "cuda_glue.h").read_text()
+    assert len(re.findall(r"FV_IMPL_OP_PAIR\(\s*CUDA\s*,", glue_header)) == 1
+    assert len(re.findall(r"FV_IMPL_OP_PAIR\(\s*CPU\s*,\s*\"cuda_emu_\"", glue_header)) == 1
+    registered = {g: re.findall(r"^FV_CUDA_IMPL\((\w+),", (CUDA_DIR / g).read_text(), re.M) for g in GLUE}
+    assert registered == {"log_prob_cuda.cu": ["gaussian_log_prob"], "reparam_kl_cuda.cu": ["reparam_kl"]}, registered
+    assert not [s.name for s in SOURCES if s.name not in GLUE and "FV_CUDA_IMPL(" in s.read_text()]
 
 
 @pytest.mark.parametrize("source", [s.name for s in SOURCES])

@@ -142,6 +142,7 @@ def test_kl_to_other_nll_mode_and_attributes_match_diffusers(vae_module, shape):
         (fused.kl(fused_other), ref.kl(ref_other)),
         (fused.kl(ref_other), ref.kl(ref_other)),
         (fused.nll(x), ref.nll(x)),
+        (fused.nll(x, dims=list(range(1, len(shape)))), ref.nll(x, dims=list(range(1, len(shape))))),
         (fused.nll(x, dims=[1, 2]), ref.nll(x, dims=[1, 2])),
         (fused.mode(), ref.mode()),
         (fused.mean, ref.mean),
@@ -154,6 +155,16 @@ def test_kl_to_other_nll_mode_and_attributes_match_diffusers(vae_module, shape):
         torch.testing.assert_close(got, want, **TOL[torch.float64])
     assert fused.parameters is p and fused.deterministic is False
     assert fused.mode() is fused.mean
+    # the fused kl(other) and nll() have diffusers' gradients, the clamps' zeros included
+    p2, q2 = (t.detach().clone().requires_grad_() for t in (p, q))
+    p3, q3 = (t.detach().clone().requires_grad_() for t in (p, q))
+    a, b = fvd.DiagonalGaussianDistribution(p2), fvd.DiagonalGaussianDistribution(q2)
+    c, d = original(p3), original(q3)
+    every = list(range(1, len(shape)))
+    torch.autograd.backward([a.kl(b).sum(), a.nll(x, dims=every).sum()])
+    torch.autograd.backward([c.kl(d).sum(), c.nll(x, dims=every).sum()])
+    torch.testing.assert_close(p2.grad, p3.grad, **TOL[torch.float64])
+    torch.testing.assert_close(q2.grad, q3.grad, **TOL[torch.float64])
 
 
 def test_std_and_var_are_not_stored():
@@ -212,7 +223,7 @@ class Spy:
     """Counts calls of fused_vae's public ops (the posterior calls them through fv.*)."""
 
     def __init__(self, monkeypatch):
-        self.calls = {"reparameterize_kl": 0, "gaussian_kl": 0, "reparameterize": 0}
+        self.calls = {"reparameterize_kl": 0, "gaussian_kl": 0, "reparameterize": 0, "gaussian_log_prob": 0}
         for name in self.calls:
             monkeypatch.setattr(fv, name, self._counting(name, getattr(fv, name)))
 
@@ -245,11 +256,18 @@ def test_sample_then_kl_is_one_fused_pass(monkeypatch, shape):
     # A second kl() is not handed the same tensor again: one fresh pass.
     torch.testing.assert_close(posterior.kl(), fresh, **TOL[torch.float64])
     assert spy.take() == {"gaussian_kl": 1}
-    # kl() without sample(): one pass; kl(other): diffusers' formula, no fused op.
+    # kl() without sample(): one pass; kl(other) of a fused posterior: one pass with the prior;
+    # of another object: diffusers' formula, no fused op; nll() over every dim: one pass.
     fvd.DiagonalGaussianDistribution(p).kl()
     assert spy.take() == {"gaussian_kl": 1}
     posterior.kl(fvd.DiagonalGaussianDistribution(p.detach()))
+    assert spy.take() == {"gaussian_kl": 1}
+    other = fvd.DiagonalGaussianDistribution(p.detach())
+    other.logvar = other.logvar * 2  # an assigned logvar is used unclamped: another clamp than ours
+    posterior.kl(other)
     assert spy.take() == {}
+    posterior.nll(posterior.mean.detach(), dims=list(range(1, len(shape))))
+    assert spy.take() == {"gaussian_log_prob": 1}
 
 
 def test_cached_kl_is_not_reused_when_stale(monkeypatch):

@@ -11,6 +11,7 @@ FUNCS = {
     "reparameterize_kl": lambda mu, lv, **kw: fv.reparameterize_kl(mu, lv, **kw),
     "reparameterize": lambda mu, lv, **kw: fv.reparameterize(mu, lv, **kw),
     "gaussian_kl": lambda mu, lv, **kw: fv.gaussian_kl(mu, lv, **kw),
+    "sample_gaussian": lambda mu, lv, **kw: fv.sample_gaussian(mu, lv, kl="sum", log_density="ratio", **kw),
 }
 
 
@@ -138,19 +139,62 @@ def test_standard_normal_errors():
         fv.standard_normal((2,), 1, dtype=torch.int32)
 
 
-def test_direct_op_calls_check_arguments():
-    """The ops themselves refuse bad arguments (for callers that bypass the API)."""
-    if not fv.available_backends()["cpu"].available:
-        pytest.skip("cpu extension unavailable")
+PRIOR_FUNCS = {
+    "reparameterize_kl": lambda mu, lv, prior: fv.reparameterize_kl(mu, lv, prior=prior),
+    "gaussian_kl": lambda mu, lv, prior: fv.gaussian_kl(mu, lv, prior=prior),
+    "sample_gaussian": lambda mu, lv, prior: fv.sample_gaussian(mu, lv, prior=prior, log_density="ratio"),
+}
+
+
+@pytest.mark.parametrize("name", list(PRIOR_FUNCS))
+def test_bad_prior(name):
+    fn = PRIOR_FUNCS[name]
     mu, lv = good()
-    seed = torch.tensor(1)
-    with pytest.raises(ValueError, match="logvar shape"):
-        torch.ops.fused_vae.reparam_kl_fwd(mu, lv[:2], seed, 1, 4, None, None)
-    with pytest.raises(TypeError, match="logvar dtype"):
-        torch.ops.fused_vae.reparam_kl_fwd(mu, lv.double(), seed, 1, 4, None, None)
-    with pytest.raises(ValueError, match="kl_mode must be in"):
-        torch.ops.fused_vae.reparam_kl_fwd(mu, lv, seed, 1, 9, None, None)
-    with pytest.raises(TypeError, match="seed must be a one-element int64 tensor"):
-        torch.ops.fused_vae.reparam_kl_fwd(mu, lv, torch.tensor(1.0), 1, 4, None, None)
-    with pytest.raises(ValueError, match="grad_kl must have"):
-        torch.ops.fused_vae.reparam_kl_bwd(None, torch.ones(5), mu, lv, seed, 1, 2, None, None)
+    with pytest.raises(TypeError, match=r"^prior must be None or a pair \(prior_mu, prior_logvar\) of tensors, got Tensor"):
+        fn(mu, lv, mu)
+    with pytest.raises(TypeError, match=r"^prior must be None or a pair .* got tuple"):
+        fn(mu, lv, (mu,))
+    with pytest.raises(TypeError, match=r"^prior_logvar must be a torch.Tensor, got float"):
+        fn(mu, lv, (mu, 1.0))
+    with pytest.raises(ValueError, match=r"^prior_mu shape \(4, 3\) must match mu shape \(3, 4\)"):
+        fn(mu, lv, (mu.t(), lv))
+    with pytest.raises(ValueError, match=r"^prior_logvar shape \(4,\) must match mu shape \(3, 4\)"):
+        fn(mu, lv, (mu, lv[0]))
+    with pytest.raises(TypeError, match=r"^prior_mu dtype torch.float64 must match mu dtype torch.float32"):
+        fn(mu, lv, (mu.double(), lv))
+    with pytest.raises(TypeError, match=r"^prior_logvar must be float32, float64, float16 or bfloat16, got torch.int64"):
+        fn(mu, lv, (mu, lv.long()))
+    with pytest.raises(ValueError, match=r"^prior_logvar is on meta but mu is on cpu; they must be on one device"):
+        fn(mu, lv, (mu, lv.to("meta")))
+
+
+def test_bad_log_density_and_path_gradient():
+    mu, lv = good()
+    for bad in ("p", "log_q", 1):
+        with pytest.raises(ValueError, match=r"^log_density must be None, 'q' or 'ratio', got"):
+            fv.sample_gaussian(mu, lv, log_density=bad)
+    with pytest.raises(TypeError, match=r"^path_gradient must be a bool, got int"):
+        fv.sample_gaussian(mu, lv, log_density="q", path_gradient=1)
+    with pytest.raises(ValueError, match=r"^reduction must be one of"):
+        fv.sample_gaussian(mu, lv, kl="mean")
+    with pytest.raises(ValueError, match=r"^num_samples must be None or an int >= 1, got 0"):
+        fv.sample_gaussian(mu, lv, num_samples=0)
+
+
+def test_gaussian_log_prob_names_x():
+    mu, lv = good()
+    with pytest.raises(TypeError, match=r"^x must be a torch.Tensor, got list"):
+        fv.gaussian_log_prob([1.0], mu, lv)
+    with pytest.raises(ValueError, match=r"^mu shape \(4, 3\) must match x shape \(3, 4\)"):
+        fv.gaussian_log_prob(mu, mu.t(), lv)
+    with pytest.raises(TypeError, match=r"^logvar dtype torch.float16 must match x dtype torch.float32"):
+        fv.gaussian_log_prob(mu, mu, lv.half())
+    with pytest.raises(ValueError, match=r"^x must be at least 1-D"):
+        fv.gaussian_log_prob(torch.tensor(1.0), torch.tensor(1.0), torch.tensor(1.0))
+    for bad in ("mean", None):
+        with pytest.raises(ValueError, match=r"^reduction must be one of 'none', 'per_sample', 'sum', 'batchmean'"):
+            fv.gaussian_log_prob(mu, mu, lv, reduction=bad)
+    with pytest.raises(ValueError, match=r"^logvar_clamp must have lo <= hi"):
+        fv.gaussian_log_prob(mu, mu, lv, logvar_clamp=(1.0, -1.0))
+    with pytest.raises(ValueError, match=r"^backend must be one of 'reference', 'cpu', 'cuda', 'triton' or None"):
+        fv.gaussian_log_prob(mu, mu, lv, backend="tpu")

@@ -38,7 +38,7 @@ gpu_checks = _load("gpu_checks")
 sanitizer_driver = _load("sanitizer_driver")
 
 SANITIZER_STEPS = [f"sanitizer_{tool}_{k}of2" for tool in ("memcheck", "racecheck", "synccheck", "initcheck") for k in (1, 2)]
-STEPS = ["env", "build", "gpu_tests", "contract", "bandwidth", "bench_gpu", "trainer", "sanitizer_driver", *SANITIZER_STEPS,
+STEPS = ["env", "build", "gpu_tests", "contract", "bandwidth", "bench_gpu", "terms", "trainer", "sanitizer_driver", *SANITIZER_STEPS,
          "sanitizer_memcheck_triton", "ncu"]
 SUMMARY = "gpu_checks_summary.json"
 ARCHIVE = "gpu_checks_logs.tar.gz"
@@ -101,7 +101,7 @@ def test_dry_run_runs_every_step_but_the_hardware_tools(dry_run):
         assert steps[name]["status"] == "skipped" and steps[name]["skipped_tools"] == ["compute-sanitizer"]
         assert steps[name]["rc"] is None
     ran = [s for s in steps.values() if s["status"] != "skipped"]
-    assert [s["name"] for s in ran] == ["env", "build", "gpu_tests", "contract", "bandwidth", "bench_gpu", "trainer",
+    assert [s["name"] for s in ran] == ["env", "build", "gpu_tests", "contract", "bandwidth", "bench_gpu", "terms", "trainer",
                                         "sanitizer_driver", "sanitizer_memcheck_triton", "ncu"]
     for s in ran:
         assert (s["status"], s["rc"], s["timed_out"]) == ("ok", 0, False), s
@@ -120,7 +120,10 @@ def test_dry_run_key_numbers_and_environment(dry_run):
     for name, backend in (("sanitizer_driver", "cuda"), ("sanitizer_memcheck_triton", "triton")):
         assert steps[name]["key"]["driver"].startswith(f"driver ok: {len(sanitizer_driver.cases('tiny', [backend]))}/")
     assert steps["bandwidth"]["key"]["complete"]
-    assert set(steps["bandwidth"]["key"]["fwd_bwd_fraction_of_copy"]) == {f"cuda float32 {r}" for r in ("batchmean", "per_sample", "none")}
+    assert set(steps["bandwidth"]["key"]["fwd_bwd_fraction_of_copy"]) == {
+        f"cuda float32 {r}" for r in ("batchmean", "per_sample", "none", "prior_kl", "log_ratio", "log_prob")}
+    terms = steps["terms"]["key"]  # the three cases of bench_terms.py, fused against eager
+    assert {k.split()[2] for k in terms["speedup_of_fused"]} == {"prior_kl", "iwae_log_weight", "log_prob"}
     assert steps["bench_gpu"]["key"]["complete"] and steps["bench_gpu"]["key"]["errors"] == []
     trainer = steps["trainer"]["key"]  # one round of the default run, eager, trainer and plain loop
     assert list(trainer["steady_ms_per_step"]) == ["default eager"] and min(trainer["steady_ms_per_step"]["default eager"]) > 0
@@ -136,7 +139,7 @@ def test_dry_run_archive_holds_every_log_and_raw_result(dry_run):
     for s in summary["steps"]:
         if s["status"] != "skipped":
             assert s["log"] in members and s["tail"], s["name"]
-    for name in ("bandwidth.json", "bench_gpu.json", "bench_trainer.json", "environment.json"):
+    for name in ("bandwidth.json", "bench_gpu.json", "bench_terms.json", "bench_trainer.json", "environment.json"):
         json.loads(members[f"gpu_checks/{name}"])
     assert json.loads(members["gpu_checks/bench_gpu.json"])["complete"]
     assert b"<testsuite" in members["gpu_checks/gpu_tests.xml"]
@@ -209,7 +212,7 @@ def test_spent_budget_leaves_valid_files_with_every_step_not_run(tmp_path):
     for s in steps_by_name(summary).values():
         assert s["status"] in ("no_time", "skipped"), s
     assert [s["name"] for s in summary["steps"] if s["status"] == "no_time"] == [
-        "env", "build", "gpu_tests", "contract", "bandwidth", "bench_gpu", "trainer", "sanitizer_driver",
+        "env", "build", "gpu_tests", "contract", "bandwidth", "bench_gpu", "terms", "trainer", "sanitizer_driver",
         "sanitizer_memcheck_triton", "ncu"]
     assert all(not name.endswith(".log") for name in members)
 

@@ -94,8 +94,8 @@ def test_with_one_sample_the_objectives_agree():
     # And L_1 itself (log p(x, z) - log q(z|x), no analytic KL) has the ELBO as its mean.
     with torch.no_grad():
         q = model.encode(x)
-        z = q.sample(seed=2, num_samples=4000)
-        _, log_w = model._log_weights(q, z, x)
+        log_w = model._log_weights(q, x, 4000, 2)
+        z = q.sample(seed=2, num_samples=4000)  # the same draws
         elbo = model.elbo(x, seed=2)  # analytic KL; recon of a different draw
         recon = -model.likelihood.nll(model.decode(z), x).mean(0)
         mc_kl = -(log_w.mean(0) - recon)  # MC estimate of the KL from the same draws

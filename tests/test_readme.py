@@ -147,3 +147,12 @@ def test_every_path_readme_mentions_exists():
     assert len(paths) >= 20 and len(layout) >= 20
     for path in sorted(paths | set(layout)):
         assert (ROOT / path).exists(), f"README mentions {path}, which does not exist"
+
+
+def test_ci_runs_exactly_readmes_test_command():
+    """README shows one test command, and .ci/run runs it character for character."""
+    shown = {line.split(" #", 1)[0].strip() for lang, _, body in BLOCKS if lang == "bash"
+             for line in body.splitlines() if "pytest" in line and not line.lstrip().startswith("#")}
+    ci = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()
+          if "pytest" in line and not line.lstrip().startswith("#")]
+    assert len(shown) == 1 and ci == sorted(shown), (shown, ci)

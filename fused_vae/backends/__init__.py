@@ -23,10 +23,11 @@ ENV_VAR = "FUSED_VAE_BACKEND"
 
 
 class Backend(Protocol):
-    """What every backend provides: the fused op for tensors of some device types.
+    """What every backend provides: the fused ops for tensors of some device types.
 
-    ``reparam_kl`` has the contract of ``torch.ops.fused_vae.reparam_kl_fwd`` and is
-    differentiable with respect to mu and logvar.
+    ``run(op, *args)`` runs the forward op of the op family ``op`` (a key of
+    :data:`fused_vae.backends.protocol.OPS`) with that family's arguments; it has the
+    contract of ``torch.ops.fused_vae.<op>_fwd`` and is differentiable in the family's inputs.
     """
 
     name: str
@@ -35,16 +36,7 @@ class Backend(Protocol):
         """None when the backend can run on tensors of ``device_type``, else why not."""
         ...
 
-    def reparam_kl(
-        self,
-        mu: torch.Tensor,
-        logvar: torch.Tensor,
-        seed: torch.Tensor,
-        num_samples: int,
-        kl_mode: int,
-        clamp_lo: float | None,
-        clamp_hi: float | None,
-    ) -> tuple[torch.Tensor, torch.Tensor]: ...
+    def run(self, op: str, *args): ...
 
 
 BACKENDS: dict[str, Backend] = {

@@ -5,8 +5,8 @@ compiled as host C++ against csrc/emulate/cuda_emulation.h, which runs the threa
 each block concurrently (one OS thread per CUDA thread), checks barriers, full-mask
 shuffles and 16-byte vector alignment, and fills outputs and shared memory with NaN
 before the kernels run. The result is a separate JIT extension, ``fused_vae_ext_cuda_emu``,
-whose ops ``fused_vae::cuda_emu_reparam_kl_fwd`` / ``_bwd`` take CPU tensors and have the
-schemas of ``reparam_kl_fwd`` / ``_bwd``.
+whose ops ``fused_vae::cuda_emu_<op>_fwd`` / ``_bwd`` take CPU tensors and have the
+schemas of ``<op>_fwd`` / ``_bwd`` (every op family of fused_vae/backends/protocol.py).
 
 Like ``TRITON_INTERPRET=1`` this is a test device: slow (thousands of thread switches per
 block), built only when the variable is set, and never chosen automatically.
@@ -29,8 +29,7 @@ log = logging.getLogger(__name__)
 
 ENV_VAR = "FUSED_VAE_CUDA_EMULATE"
 EXTENSION_NAME = "fused_vae_ext_cuda_emu"
-FWD_OP = "fused_vae::cuda_emu_reparam_kl_fwd"
-BWD_OP = "fused_vae::cuda_emu_reparam_kl_bwd"
+PREFIX = "cuda_emu_"
 # -fno-strict-aliasing: the kernels read torch's storage through their vector types, which
 # is how CUDA code is written but an aliasing violation for a host optimiser.
 CXX_FLAGS = ["-O2", "-fno-strict-aliasing", "-DFUSED_VAE_CUDA_EMULATE=1"]
@@ -77,16 +76,16 @@ def _build() -> None:
 
 def _ops_defined() -> bool:
     try:
-        torch._C._dispatch_find_schema_or_throw(FWD_OP, "")
+        torch._C._dispatch_find_schema_or_throw(f"fused_vae::{PREFIX}reparam_kl_fwd", "")
         return True
     except RuntimeError:
         return False
 
 
 def _register() -> None:
-    from .registration import register_pair
+    from .registration import register_ops
 
-    register_pair(FWD_OP, BWD_OP, python_autograd=True)
+    register_ops(PREFIX, python_autograd=True)
 
 
 def status() -> EmulationStatus:
@@ -113,8 +112,8 @@ def status() -> EmulationStatus:
     return _status
 
 
-def reparam_kl(mu, logvar, seed, num_samples, kl_mode, clamp_lo, clamp_hi):
-    """``torch.ops.fused_vae.reparam_kl_fwd`` run by the emulated CUDA kernels (CPU tensors).
+def run(op: str, *args):
+    """``torch.ops.fused_vae.<op>_fwd`` run by the emulated CUDA kernels (CPU tensors).
 
     Raises:
         RuntimeError: the emulated extension is not loaded (see :func:`status`), or a
@@ -123,4 +122,4 @@ def reparam_kl(mu, logvar, seed, num_samples, kl_mode, clamp_lo, clamp_hi):
     st = status()
     if not st.loaded:
         raise RuntimeError(st.reason)
-    return torch.ops.fused_vae.cuda_emu_reparam_kl_fwd(mu, logvar, seed, num_samples, kl_mode, clamp_lo, clamp_hi)
+    return getattr(torch.ops.fused_vae, f"{PREFIX}{op}_fwd")(*args)

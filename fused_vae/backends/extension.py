@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from . import build, cuda_emulation
+from .protocol import OPS
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +46,7 @@ class ExtensionStatus:
 
 
 def _has_kernel(key: str) -> bool:
-    return bool(torch._C._dispatch_has_kernel_for_dispatch_key("fused_vae::reparam_kl_fwd", key))
+    return all(torch._C._dispatch_has_kernel_for_dispatch_key(f"fused_vae::{op}_fwd", key) for op in OPS)
 
 
 def _ops_defined() -> bool:
@@ -140,9 +141,9 @@ def _try_load() -> ExtensionStatus:
         )
         log.debug("fused_vae extension failed", exc_info=True)
         return ExtensionStatus(False, "", False, False, reason)
-    from .registration import register_pair
+    from .registration import register_ops
 
-    register_pair("fused_vae::reparam_kl_fwd", "fused_vae::reparam_kl_bwd", python_autograd=False)
+    register_ops("", python_autograd=False)
     cpu, cuda = _has_kernel("CPU"), _has_kernel("CUDA")
     reason = None
     if not cuda:
@@ -151,11 +152,12 @@ def _try_load() -> ExtensionStatus:
 
 
 class ExtensionBackend:
-    """Runs ``torch.ops.fused_vae.reparam_kl_fwd`` on tensors of one device type."""
+    """Runs ``torch.ops.fused_vae.<op>_fwd`` on tensors of one device type."""
 
     def __init__(self, device_type: str) -> None:
         self.name = device_type
         self.device_type = device_type
+        self._ops: dict = {}
 
     def unavailable_reason(self, device_type: str) -> str | None:
         if self.device_type == "cuda" and device_type == "cpu" and cuda_emulation.enabled():
@@ -171,7 +173,10 @@ class ExtensionBackend:
             return st.reason or f"the extension has no {self.device_type} kernels"
         return None
 
-    def reparam_kl(self, mu, logvar, seed, num_samples, kl_mode, clamp_lo, clamp_hi):
-        if self.device_type == "cuda" and mu.device.type == "cpu":
-            return cuda_emulation.reparam_kl(mu, logvar, seed, num_samples, kl_mode, clamp_lo, clamp_hi)
-        return torch.ops.fused_vae.reparam_kl_fwd(mu, logvar, seed, num_samples, kl_mode, clamp_lo, clamp_hi)
+    def run(self, op: str, *args):
+        if self.device_type == "cuda" and args[0].device.type == "cpu":
+            return cuda_emulation.run(op, *args)
+        fn = self._ops.get(op)
+        if fn is None:
+            fn = self._ops[op] = getattr(torch.ops.fused_vae, f"{op}_fwd").default
+        return fn(*args)

@@ -1,7 +1,7 @@
-"""The ``triton`` backend: Triton kernels behind ``torch.ops.fused_vae.triton_reparam_kl_*``.
+"""The ``triton`` backend: Triton kernels behind ``torch.ops.fused_vae.triton_<op>_fwd/_bwd``.
 
-The ops are defined here with ``torch.library.custom_op`` (the schemas of
-:mod:`fused_vae.backends.protocol`) when fused_vae is imported; their fake (meta) impls
+The ops (one pair per family of :data:`fused_vae.backends.protocol.OPS`, with its schemas)
+are defined here with ``torch.library.custom_op`` when fused_vae is imported; their fake (meta) impls
 and autograd come from :func:`fused_vae.backends.registration.register_pair`. Defining
 them needs no triton: the kernels live in :mod:`fused_vae.backends.triton_kernels`,
 imported on the first call of an op, so ``import fused_vae`` works without triton and
@@ -25,10 +25,9 @@ import threading
 import torch
 
 from . import protocol as P
-from .registration import register_pair
+from .registration import register_ops
 
-FWD_NAME = "fused_vae::triton_reparam_kl_fwd"
-BWD_NAME = "fused_vae::triton_reparam_kl_bwd"
+PREFIX = "triton_"
 
 _lock = threading.Lock()
 _kernels = None
@@ -79,20 +78,22 @@ def kernels():
     return _kernels
 
 
-# The schemas are given, so the functions need no type annotations.
-@torch.library.custom_op(FWD_NAME, mutates_args=(), schema=P.FWD_SCHEMA)
-def triton_reparam_kl_fwd(mu, logvar, seed, num_samples, kl_mode, clamp_lo, clamp_hi):
-    """The forward op of the protocol, run by the Triton kernels."""
-    return kernels().reparam_kl_fwd(mu, logvar, seed, num_samples, kl_mode, clamp_lo, clamp_hi)
+def _define_ops() -> None:
+    """One custom op per direction and family, calling the kernel module's function of the
+    same name (``reparam_kl_fwd``, ...)."""
+    for spec in P.OPS.values():
+        for direction, schema in (("fwd", spec.fwd_schema), ("bwd", spec.bwd_schema)):
+            name = f"{spec.name}_{direction}"
+
+            def impl(*args, _name=name):
+                return getattr(kernels(), _name)(*args)
+
+            impl.__doc__ = f"The {direction} op of the protocol's {spec.name} family, run by the Triton kernels."
+            torch.library.custom_op(f"fused_vae::{PREFIX}{name}", impl, mutates_args=(), schema=schema)
 
 
-@torch.library.custom_op(BWD_NAME, mutates_args=(), schema=P.BWD_SCHEMA)
-def triton_reparam_kl_bwd(grad_z, grad_kl, mu, logvar, seed, num_samples, kl_mode, clamp_lo, clamp_hi):
-    """The backward op of the protocol, run by the Triton kernels."""
-    return kernels().reparam_kl_bwd(grad_z, grad_kl, mu, logvar, seed, num_samples, kl_mode, clamp_lo, clamp_hi)
-
-
-register_pair(FWD_NAME, BWD_NAME, python_autograd=True)
+_define_ops()
+register_ops(PREFIX, python_autograd=True)
 
 
 class TritonBackend:
@@ -100,6 +101,9 @@ class TritonBackend:
     through the Triton interpreter (``TRITON_INTERPRET=1``)."""
 
     name = "triton"
+
+    def __init__(self) -> None:
+        self._ops: dict = {}
 
     def unavailable_reason(self, device_type: str) -> str | None:
         reason = _triton_import_error()
@@ -121,6 +125,8 @@ class TritonBackend:
             return None
         return f"Triton kernels run on CUDA tensors (or CPU tensors with TRITON_INTERPRET=1), not {device_type}"
 
-    def reparam_kl(self, mu, logvar, seed, num_samples, kl_mode, clamp_lo, clamp_hi):
-        return torch.ops.fused_vae.triton_reparam_kl_fwd(mu, logvar, seed, num_samples, kl_mode, clamp_lo, clamp_hi)
-
+    def run(self, op: str, *args):
+        fn = self._ops.get(op)
+        if fn is None:
+            fn = self._ops[op] = getattr(torch.ops.fused_vae, f"{PREFIX}{op}_fwd").default
+        return fn(*args)

@@ -185,11 +185,15 @@ class DiagonalGaussianDistribution:
         That KL and the sample are outputs of one autograd node: backpropagating them in
         two separate ``backward()`` calls needs ``retain_graph=True`` in the first (one
         loss holding both, the usual case, needs nothing).
-        ``other`` (any object with ``mean``, ``var``, ``logvar``) uses diffusers' formula.
+        ``other``: this module's posterior of the same shape, dtype and clamp runs one fused
+        pass too (the KL to a learned prior, both logvars clamped); any other object with
+        ``mean``, ``var``, ``logvar`` uses diffusers' formula.
         """
         if self.deterministic:
             return torch.Tensor([0.0])
         if other is not None:
+            if self._fusable_prior(other):  # KL(self || other) with both logvars clamped, one fused pass
+                return self._reduced(fv.gaussian_kl, prior=(other.mean, other._raw_logvar))
             return 0.5 * torch.sum(
                 torch.pow(self.mean - other.mean, 2) / other.var
                 + self.var / other.var
@@ -201,19 +205,38 @@ class DiagonalGaussianDistribution:
         cached, self._kl_cache = self._kl_cache, None
         if cached is not None and self._cache_matches(cached[0]):
             return cached[1]
+        return self._reduced(fv.gaussian_kl)
+
+    def _fusable_prior(self, other) -> bool:
+        """Whether ``kl(other)`` can run fused: ``other`` is this module's posterior with the same
+        (-30, 20) clamp, of the same shape, dtype and device, and not deterministic."""
+        return (isinstance(other, DiagonalGaussianDistribution) and not other.deterministic
+                and other._logvar_clamp == self._logvar_clamp and other.mean.shape == self.mean.shape
+                and other.mean.dtype == self.mean.dtype and other.mean.device == self.mean.device)
+
+    def _reduced(self, fn, **kwargs) -> torch.Tensor:
+        """``fn(mean, raw logvar, ...)`` (the fused KL) summed over dims [1, 2, 3] in mean's dtype:
+        reduced by the op for 4-D latents, summed here from the elementwise values otherwise."""
         if self.mean.dim() == 4:
-            kl = fv.gaussian_kl(self.mean, self._raw_logvar, reduction="per_sample", logvar_clamp=self._logvar_clamp)
-            return kl.to(self.mean.dtype)
-        kl_elements = fv.gaussian_kl(self.mean, self._raw_logvar, reduction="none", logvar_clamp=self._logvar_clamp)
-        return _sum_kl_dims(kl_elements)
+            out = fn(self.mean, self._raw_logvar, reduction="per_sample", logvar_clamp=self._logvar_clamp, **kwargs)
+            return out.to(self.mean.dtype)
+        return _sum_kl_dims(fn(self.mean, self._raw_logvar, reduction="none", logvar_clamp=self._logvar_clamp,
+                               **kwargs))  # fmt: skip
 
     def nll(self, sample: torch.Tensor, dims: Sequence[int] = KL_DIMS) -> torch.Tensor:
-        """Negative log-likelihood of ``sample`` summed over ``dims`` (diffusers' formula).
+        """Negative log-likelihood of ``sample`` summed over ``dims`` (diffusers' formula); one
+        fused pass (``fv.gaussian_log_prob``) when ``dims`` are every dim after the batch and
+        ``sample`` has mean's shape and dtype.
 
         Returns ``torch.Tensor([0.0])`` when deterministic.
         """
         if self.deterministic:
             return torch.Tensor([0.0])
+        every_dim = sorted(d % self.mean.dim() for d in dims) == list(range(1, self.mean.dim()))
+        if every_dim and isinstance(sample, torch.Tensor) and sample.shape == self.mean.shape \
+                and sample.dtype == self.mean.dtype and sample.device == self.mean.device:
+            lp = fv.gaussian_log_prob(sample, self.mean, self._raw_logvar, logvar_clamp=self._logvar_clamp)
+            return (-lp).to(self.mean.dtype)
         logvar = self.logvar
         return 0.5 * torch.sum(
             _LOG_TWO_PI + logvar + torch.pow(sample - self.mean, 2) / torch.exp(logvar),

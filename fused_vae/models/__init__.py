@@ -11,17 +11,19 @@ from __future__ import annotations
 from .base import ACTIVATIONS, LOSS_STATS, OBJECTIVES, VAE, check_train_samples
 from .conv import ConvVAE
 from .distributions import DiagonalGaussian, standard_normal_log_prob
+from .hierarchical import HierarchicalVAE, IWAETwoLayerVAE, TopDownConvVAE, TopDownVAE
 from .likelihoods import LIKELIHOODS, BernoulliLikelihood, GaussianLikelihood, Likelihood, build_likelihood
 from .losses import free_bits_kl, kl_penalty, kl_warmup_beta, vae_loss, weighted_loss
 from .mlp import MLPVAE
 from .seeds import derive_seed
 
-MODELS = {"mlp": MLPVAE, "conv": ConvVAE}
+MODELS = {"mlp": MLPVAE, "conv": ConvVAE, "mlp2": IWAETwoLayerVAE, "topdown": TopDownVAE,
+          "topdown-conv": TopDownConvVAE}
 
 
 def build_model(spec: dict, *, backend: str | None = None) -> VAE:
     """A model from its spec (``model.spec``, stored in checkpoints): a dict with ``kind``
-    (``"mlp"`` or ``"conv"``) and that class's keyword arguments.
+    (a key of :data:`MODELS`) and that class's keyword arguments.
 
     Raises:
         ValueError: unknown kind, or arguments the class does not take.
@@ -47,8 +49,12 @@ __all__ = [
     "ConvVAE",
     "DiagonalGaussian",
     "GaussianLikelihood",
+    "HierarchicalVAE",
+    "IWAETwoLayerVAE",
     "Likelihood",
     "MLPVAE",
+    "TopDownConvVAE",
+    "TopDownVAE",
     "build_likelihood",
     "build_model",
     "check_train_samples",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -36,8 +37,22 @@ def make_activation(name: str) -> nn.Module:
 
 OBJECTIVES = ("elbo", "iwae")
 # What ``VAE.forward(..., return_stats=True)`` returns per batch, in order (batch means; ``bound``:
-# the bound being trained, the ELBO or L_K; ``elbo``: the K-sample mean ELBO).
+# the bound being trained, the ELBO or L_K; ``elbo``: the K-sample mean ELBO). Hierarchical
+# models append each stochastic layer's KL (``VAE.stat_names``).
 LOSS_STATS = ("loss", "recon", "kl", "elbo", "bound")
+
+
+class ObjectiveTerms(NamedTuple):
+    """A batch's objective: ``loss`` (differentiable), the statistics' terms as float32
+    scalars (batch means), ``bound`` (None where it is the ELBO ``-(recon + kl)``) and, for
+    hierarchical models, ``layer_kl``: each stochastic layer's KL, a ``[L]`` tensor."""
+
+    loss: torch.Tensor
+    recon: torch.Tensor
+    kl: torch.Tensor
+    kl_penalty: torch.Tensor
+    bound: torch.Tensor | None = None
+    layer_kl: torch.Tensor | None = None
 
 
 def check_train_samples(objective: str, num_samples: int, beta: float = 1.0, free_bits: float = 0.0) -> int:
@@ -153,19 +168,27 @@ class VAE(nn.Module):
             ValueError: unknown objective, num_samples < 1, or beta != 1 / free_bits with ``iwae``.
         """
         k = check_train_samples(objective, num_samples, beta, free_bits)
-        loss, recon, kl, kl_pen, bound = self._objective_terms(x, beta, free_bits, seed, objective, k,
-                                                               stats_grad=not return_stats)
+        t = self._objective_terms(x, beta, free_bits, seed, objective, k, stats_grad=not return_stats)
         with torch.set_grad_enabled(torch.is_grad_enabled() and not return_stats):
-            elbo = -(recon + kl)
-            bound = elbo if bound is None else bound
+            elbo = -(t.recon + t.kl)
+            bound = elbo if t.bound is None else t.bound
             if return_stats:
-                return loss, torch.stack([loss, recon, kl, elbo, bound])
-        return {"loss": loss, "recon": recon, "kl": kl, "kl_penalty": kl_pen, "elbo": elbo, "bound": bound}
+                stats = torch.stack([t.loss, t.recon, t.kl, elbo, bound])
+                return t.loss, stats if t.layer_kl is None else torch.cat([stats, t.layer_kl.float()])
+        out = {"loss": t.loss, "recon": t.recon, "kl": t.kl, "kl_penalty": t.kl_penalty, "elbo": elbo, "bound": bound}
+        if t.layer_kl is not None:
+            out.update(zip(self.stat_names[len(LOSS_STATS):], t.layer_kl.unbind(0)))
+        return out
+
+    @property
+    def stat_names(self) -> tuple[str, ...]:
+        """What ``forward(..., return_stats=True)``'s statistics hold, in order: :data:`LOSS_STATS`
+        (hierarchical models add ``kl_<layer>`` per stochastic layer)."""
+        return LOSS_STATS
 
     def _objective_terms(self, x: torch.Tensor, beta, free_bits: float, seed, objective: str, k: int, *,
-                         stats_grad: bool = True):
-        """``(loss, recon, kl, kl_penalty, bound)`` of :meth:`forward` as float32 scalars (batch
-        means); ``bound`` is None where it is the ELBO ``-(recon + kl)``. ``loss`` is
+                         stats_grad: bool = True) -> ObjectiveTerms:
+        """The :class:`ObjectiveTerms` of :meth:`forward` (batch means). ``loss`` is
         differentiable; with ``stats_grad=False`` the values only the statistics read may be
         computed without autograd."""
         q = self.encode(x)
@@ -174,29 +197,19 @@ class VAE(nn.Module):
                                      reduction="none" if free_bits > 0 else "batchmean")
             recon = self.likelihood.mean_nll(self.decode(z), x)  # over the K samples and the batch
             kl_mean, kl_pen = kl_penalty(kl, free_bits)
-            return weighted_loss(recon, kl_pen, beta), recon, kl_mean, kl_pen, None
-        z, kl = q.sample_with_kl(seed=seed, num_samples=k, reduction="batchmean")  # z: [K, B, L]; kl for the stats
-        nll, log_w = self._log_weights(q, z, x)
-        loss = math.log(k) - torch.logsumexp(log_w, dim=0).mean()
-        with torch.set_grad_enabled(stats_grad and torch.is_grad_enabled()):
-            return loss, nll.mean(), kl, kl, -loss
-
-    def _log_weights(self, q: DiagonalGaussian, z: torch.Tensor, x: torch.Tensor):
-        """``(-log p(x | z), log p(x, z) - log q(z | x))`` for samples ``z`` (``[K, B, L]``) that
-        the fused op drew from ``q``: two ``[K, B]`` float32 tensors, differentiable through
-        ``z`` and ``q``.
-
-        With ``eps = (z - mu) / std``, the noise that drew ``z``, ``log p(z) - log q(z | x)`` is
-        ``0.5 * sum(eps^2 + logvar - z^2)`` (the 2 pi terms cancel). ``eps`` enters as a
-        constant: for a reparameterized sample it does not depend on mu and logvar (their
-        paths through ``z`` and through ``(z - mu) / std`` cancel), so the gradient is the
-        full one, with fewer operations.
-        """
+            return ObjectiveTerms(weighted_loss(recon, kl_pen, beta), recon, kl_mean, kl_pen)
+        # z: [K, B, L]; the KL for the statistics and log q(z|x) - log p(z) per sample, one pass
+        z, kl, log_ratio = q.sample_terms(seed=seed, num_samples=k, kl="batchmean", log_density="ratio")
         nll = self.likelihood.nll(self.decode(z), x)
-        logvar, zf = q._logvar().float(), z.float()
-        with torch.no_grad():
-            eps_sq = ((zf - q.mu.float()) * torch.exp(-0.5 * logvar)).square().sum(-1)
-        return nll, 0.5 * (eps_sq + logvar.sum(-1) - (zf * zf).sum(-1)) - nll
+        loss = math.log(k) - torch.logsumexp(-nll - log_ratio, dim=0).mean()
+        with torch.set_grad_enabled(stats_grad and torch.is_grad_enabled()):
+            return ObjectiveTerms(loss, nll.mean(), kl, kl, -loss)
+
+    def _log_weights(self, q: DiagonalGaussian, x: torch.Tensor, k: int, seed) -> torch.Tensor:
+        """``log p(x, z_k) - log q(z_k | x)`` of ``k`` samples of ``q`` (``[k, B]`` float32),
+        ``log q - log p(z)`` from the fused op's own noise."""
+        z, _, log_ratio = q.sample_terms(seed=seed, num_samples=k, log_density="ratio")
+        return -self.likelihood.nll(self.decode(z), x) - log_ratio
 
     def elbo(self, x: torch.Tensor, *, seed=None) -> dict:
         """Single-sample ELBO per example: dict of ``elbo``, ``recon``, ``kl``, each ``[B]`` float32."""
@@ -219,14 +232,18 @@ class VAE(nn.Module):
         if num_samples < 1:
             raise ValueError(f"num_samples must be >= 1, got {num_samples}")
         chunk = num_samples if not chunk_size else max(1, min(int(chunk_size), num_samples))
-        q = self.encode(x)
+        posterior = self._posterior(x)
         total = None
         for i, done in enumerate(range(0, num_samples, chunk)):
             s = None if seed is None else derive_seed(int(seed), i)
-            z = q.sample(seed=s, num_samples=min(chunk, num_samples - done))  # [k, B, L]
-            part = torch.logsumexp(self._log_weights(q, z, x)[1], dim=0)
+            part = torch.logsumexp(self._log_weights(posterior, x, min(chunk, num_samples - done), s), dim=0)
             total = part if total is None else torch.logaddexp(total, part)
         return total - math.log(num_samples)
+
+    def _posterior(self, x: torch.Tensor):
+        """What :meth:`_log_weights` needs of ``x`` that does not depend on the samples (the
+        encoder's output), computed once per :meth:`iwae_log_likelihood`."""
+        return self.encode(x)
 
     # -- images ------------------------------------------------------------------------
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:

@@ -15,8 +15,9 @@ class DiagonalGaussian:
     """N(mu, diag(exp(logvar))) over the non-batch dims of ``mu``.
 
     ``mu`` and ``logvar`` are ``[B, ...]`` tensors of one shape, dtype and device (what an
-    encoder outputs). Sampling and the KL to N(0, I) go through the fused ops
-    (:func:`fused_vae.reparameterize_kl`), so ``dist.sample_with_kl()`` is one kernel
+    encoder outputs). Sampling, the KL to N(0, I) or to another DiagonalGaussian (a learned
+    prior) and the log densities go through the fused ops (:func:`fused_vae.sample_gaussian`,
+    :func:`fused_vae.gaussian_log_prob`), so ``dist.sample_with_kl(prior=p)`` is one kernel
     forward and one backward.
 
     Args:
@@ -80,38 +81,57 @@ class DiagonalGaussian:
             self.mu, self.logvar, seed=seed, num_samples=num_samples, logvar_clamp=self.logvar_clamp, backend=self.backend
         )
 
-    def sample_with_kl(self, *, seed=None, num_samples: int | None = None, reduction: str = "batchmean"):
+    def sample_with_kl(self, *, seed=None, num_samples: int | None = None, reduction: str = "batchmean",
+                       prior: DiagonalGaussian | None = None):
         """``(z, kl)`` in one fused pass: a sample as :meth:`sample` and the KL as :meth:`kl`."""
-        return api.reparameterize_kl(
+        z, kl, _ = self.sample_terms(seed=seed, num_samples=num_samples, kl=reduction, prior=prior)
+        return z, kl
+
+    def sample_terms(self, *, seed=None, num_samples: int | None = None, kl: str | None = None,
+                     log_density: str | None = None, prior: DiagonalGaussian | None = None,
+                     path_gradient: bool = False) -> api.GaussianSample:
+        """A sample with any of its Gaussian terms in one fused pass
+        (:func:`fused_vae.sample_gaussian`): ``(z, kl, log_density)``, where ``kl`` is
+        KL(self || prior) with reduction ``kl`` and ``log_density`` each sample's ``log q(z)``
+        (``"q"``) or ``log q(z) - log prior(z)`` (``"ratio"``), ``[B]`` or ``[num_samples, B]``;
+        None where not asked for. The prior (N(0, I) when None) must have this
+        distribution's shape; this distribution's clamp applies to both."""
+        return api.sample_gaussian(
             self.mu,
             self.logvar,
-            reduction=reduction,
-            seed=seed,
+            prior=_prior_pair(prior),
             num_samples=num_samples,
+            kl=kl,
+            log_density=log_density,
+            path_gradient=path_gradient,
+            seed=seed,
             logvar_clamp=self.logvar_clamp,
             backend=self.backend,
         )
 
-    def kl(self, reduction: str = "batchmean") -> torch.Tensor:
-        """KL(self || N(0, I)); reductions ``none``/``per_sample``/``sum``/``batchmean``."""
-        return api.gaussian_kl(self.mu, self.logvar, reduction=reduction, logvar_clamp=self.logvar_clamp, backend=self.backend)
+    def kl(self, reduction: str = "batchmean", prior: DiagonalGaussian | None = None) -> torch.Tensor:
+        """KL(self || prior), N(0, I) when ``prior`` is None; reductions
+        ``none``/``per_sample``/``sum``/``batchmean``."""
+        return api.gaussian_kl(self.mu, self.logvar, prior=_prior_pair(prior), reduction=reduction,
+                               logvar_clamp=self.logvar_clamp, backend=self.backend)
 
     # -- densities -----------------------------------------------------------------------
     def log_prob(self, z: torch.Tensor) -> torch.Tensor:
-        """log q(z), summed over the event dims.
+        """log q(z), summed over the event dims, by the fused log-density op.
 
-        ``z``: ``[*S, B, ...]`` (any leading sample dims). Returns ``[*S, B]`` in float32
-        (float64 for float64 inputs). For a sample of this distribution the standardised
-        value ``(z - mu) / std`` is the noise that drew it, so no noise needs to be kept;
-        gradients flow through ``z`` and through mu and logvar.
+        ``z``: ``[*S, B, ...]`` (any leading sample dims; mu and logvar are then expanded to
+        z's shape, a copy). Returns ``[*S, B]`` in float32 (float64 for float64 inputs),
+        differentiable in z, mu and logvar.
         """
-        mu, logvar = self.mu, self._logvar()
-        dt = torch.float64 if mu.dtype == torch.float64 else torch.float32
-        mu, logvar, z = mu.to(dt), logvar.to(dt), z.to(dt)
-        eps = (z - mu) * torch.exp(-0.5 * logvar)
-        # The logvar and constant terms do not depend on the sample: summed once, not per sample.
-        return -0.5 * (_sum_event(eps.square(), self.event_dims) + _sum_event(logvar, self.event_dims)
-                       + math.prod(mu.shape[1:]) * _LOG_2PI)
+        event = self.mu.shape[1:]
+        if z.shape[z.dim() - self.mu.dim():] != self.mu.shape:
+            raise ValueError(f"z must have shape [*S, {', '.join(map(str, self.mu.shape))}], got {list(z.shape)}")
+        lead = z.shape[: z.dim() - self.mu.dim() + 1]
+        mu, logvar = self.mu.expand(z.shape), self.logvar.expand(z.shape)
+        flat = [t.reshape(-1, *event) for t in (z.to(self.mu.dtype), mu, logvar)]
+        lp = api.gaussian_log_prob(*flat, reduction="per_sample" if event else "none",
+                                   logvar_clamp=self.logvar_clamp, backend=self.backend)
+        return lp.reshape(lead).to(torch.float64 if self.mu.dtype == torch.float64 else torch.float32)
 
     def nll(self, x: torch.Tensor) -> torch.Tensor:
         """Negative log density ``-log N(x; mu, var)`` summed over the event dims, ``[*S, B]``."""
@@ -119,6 +139,15 @@ class DiagonalGaussian:
 
     def __repr__(self) -> str:
         return f"DiagonalGaussian(shape={tuple(self.mu.shape)}, dtype={self.mu.dtype}, device={self.mu.device})"
+
+
+def _prior_pair(prior: DiagonalGaussian | None):
+    """The ``prior=`` argument of the fused functions for a prior distribution (None: N(0, I))."""
+    if prior is None:
+        return None
+    if not isinstance(prior, DiagonalGaussian):
+        raise TypeError(f"prior must be None or a DiagonalGaussian, got {type(prior).__name__}")
+    return prior.mu, prior.logvar
 
 
 def _sum_event(t: torch.Tensor, event_dims: int) -> torch.Tensor:

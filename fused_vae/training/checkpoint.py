@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import uuid
 from pathlib import Path
 
@@ -129,6 +130,31 @@ def save_checkpoint(path: str | Path, **kwargs) -> None:
     atomic_save(make_checkpoint(**kwargs), path)
 
 
+# The first bytes of what torch.save writes: a zip archive, or (the legacy format) a pickle.
+_TORCH_SAVE_MAGIC = (b"PK\x03\x04", b"\x80")
+
+
+def _why_unreadable(path: Path, err: Exception) -> str:
+    """Why ``torch.load(path, weights_only=True)`` failed with ``err``, for a user: never torch's
+    advice to load with ``weights_only=False``, which runs whatever code the file holds."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if not head:
+        return "the file is empty (corrupt or truncated); it is not a fused_vae checkpoint"
+    if not head.startswith(_TORCH_SAVE_MAGIC):
+        return (f"not a fused_vae checkpoint: not a file written by torch.save (it starts with {head!r}; "
+                "corrupt, truncated or another kind of file)")
+    text = str(err)
+    if "weights_only" in text or "Weights only load failed" in text:
+        found = re.search(r"GLOBAL ([\w.]+)", text)
+        what = f" ({found[1]})" if found else ""
+        return (f"not a fused_vae checkpoint: it holds Python objects{what}, where a checkpoint holds only tensors, "
+                "numbers, strings, lists and dicts; it was not loaded, since unpickling such objects can run any code")
+    first = re.sub(r"\x1b\[[0-9;]*m", "", text).strip().splitlines()
+    return (f"the file is corrupt or truncated, or not a fused_vae checkpoint ({type(err).__name__}: "
+            f"{first[0] if first else 'no detail'})")
+
+
 def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
     """Loads and checks a checkpoint with ``torch.load(weights_only=True)``.
 
@@ -142,9 +168,7 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
     try:
         ck = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # torch raises RuntimeError, UnpicklingError, EOFError, ... for bad files
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"cannot load checkpoint {path}: the file is corrupt, truncated or not a fused_vae "
-                              f"checkpoint ({type(e).__name__}: {first})") from None
+        raise CheckpointError(f"cannot load checkpoint {path}: {_why_unreadable(path, e)}") from None
     if not isinstance(ck, dict) or ck.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a fused_vae checkpoint (no format marker {FORMAT!r})")
     missing = [k for k in REQUIRED if k not in ck]

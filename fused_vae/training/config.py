@@ -30,6 +30,8 @@ def _f(default, help: str, *, group: str, choices=None, type=None, nargs=None, m
 
 
 DATASETS = ("digits", "mnist", "fashion-mnist", "folder", "tensor")
+HIERARCHICAL = ("mlp2", "topdown", "topdown-conv")
+DEFAULT_LATENT_DIMS = {"mlp2": (100, 50), "topdown": (32, 16, 8), "topdown-conv": (16, 8)}
 BACKEND_NAMES = tuple(sorted(BACKENDS, key=lambda name: name == "reference"))  # the fallback last
 
 
@@ -59,14 +61,23 @@ class TrainConfig:
                                        metavar="N")
 
     # model
-    model: str = _f("mlp", "architecture: mlp (fully connected) or conv (convolutional)", group="model",
+    model: str = _f("mlp", "architecture: mlp (fully connected), conv (convolutional), mlp2 (the IWAE paper's "
+                    "two-stochastic-layer net), topdown (a top-down hierarchy of --latent-dims layers, fully "
+                    "connected), topdown-conv (the same with convolutional feature-map latents)", group="model",
                     choices=tuple(MODELS))
-    latent_dim: int = _f(50, "number of latent units", group="model", type=int)
-    hidden: list = _f([200, 200], "mlp: hidden layer widths (IWAE paper: 200 200); conv: first value is the "
-                      "dense layer width", group="model", type=int, nargs="+")
-    conv_channels: list = _f([32, 64], "conv: channels of the stride-2 conv layers", group="model", type=int, nargs="+")
+    latent_dim: int = _f(50, "number of latent units (mlp, conv)", group="model", type=int)
+    latent_dims: list | None = _f(None, "mlp2, topdown, topdown-conv: latent units (channels for topdown-conv) "
+                                  "of each stochastic layer, bottom first (default: mlp2 100 50, topdown 32 16 8, "
+                                  "topdown-conv 16 8)", group="model", type=int, nargs="+", metavar="D")
+    upper_hidden: list = _f([100, 100], "mlp2: hidden widths between the two stochastic layers (IWAE paper: "
+                            "100 100)", group="model", type=int, nargs="+")
+    hidden: list = _f([200, 200], "mlp, mlp2: hidden layer widths (IWAE paper: 200 200); conv: first value is the "
+                      "dense layer width; topdown: first value is the width of every state", group="model", type=int,
+                      nargs="+")
+    conv_channels: list = _f([32, 64], "conv: channels of the stride-2 conv layers; topdown-conv: channels of each "
+                             "layer's blocks (one per layer)", group="model", type=int, nargs="+")
     activation: str | None = _f(None, "hidden activation (tanh, relu, silu, gelu, elu, softplus); default tanh "
-                                "for mlp, silu for conv", group="model", type=str)
+                                "for mlp and mlp2, silu for the others", group="model", type=str)
     likelihood: str = _f("bernoulli", "p(x|z): bernoulli (BCE with logits, data in [0, 1]) or gaussian "
                          "(MSE with variance sigma^2)", group="model", choices=LIKELIHOODS)
     sigma: float = _f(0.1, "gaussian likelihood: standard deviation (initial value with --learn-sigma)",
@@ -86,8 +97,9 @@ class TrainConfig:
     beta: float = _f(1.0, "KL weight (beta-VAE); 1 gives the ELBO", group="objective", type=float)
     kl_warmup_steps: int = _f(0, "ramp the KL weight linearly from 0 to beta over this many steps",
                               group="objective", type=int)
-    free_bits: float = _f(0.0, "per-latent-dimension floor (nats) on the batch-mean KL in the loss",
-                          group="objective", type=float)
+    free_bits: float = _f(0.0, "floor (nats) on the batch-mean KL in the loss: per latent unit for mlp and "
+                          "conv, per stochastic layer for mlp2 and the topdown models", group="objective",
+                          type=float)
 
     # optimisation
     epochs: int = _f(500, "number of passes over the training set", group="optimisation", type=int)
@@ -157,8 +169,13 @@ class TrainConfig:
 
     @property
     def resolved_activation(self) -> str:
-        """``activation``, or the model's default (tanh for mlp, silu for conv)."""
-        return self.activation or ("tanh" if self.model == "mlp" else "silu")
+        """``activation``, or the model's default (tanh for mlp and mlp2, silu for the others)."""
+        return self.activation or ("tanh" if self.model in ("mlp", "mlp2") else "silu")
+
+    @property
+    def resolved_latent_dims(self) -> list[int]:
+        """``latent_dims``, or the hierarchical model's default."""
+        return list(self.latent_dims) if self.latent_dims else list(DEFAULT_LATENT_DIMS.get(self.model, ()))
 
     def resolved(self, *, threads: int, amp: str) -> "TrainConfig":
         """A copy with the values a run settled on filled in: activation, name, threads, amp."""
@@ -180,10 +197,20 @@ class TrainConfig:
             learn_sigma=self.learn_sigma,
             logvar_clamp=list(self.logvar_clamp) if self.logvar_clamp is not None else None,
         )
+        act = self.resolved_activation
         if self.model == "mlp":
-            return dict(kind="mlp", hidden=list(self.hidden), activation=self.resolved_activation, **common)
-        return dict(kind="conv", channels=list(self.conv_channels), hidden=int(self.hidden[0]),
-                    activation=self.resolved_activation, **common)
+            return dict(kind="mlp", hidden=list(self.hidden), activation=act, **common)
+        if self.model == "conv":
+            return dict(kind="conv", channels=list(self.conv_channels), hidden=int(self.hidden[0]), activation=act,
+                        **common)
+        common.pop("latent_dim")
+        common["latent_dims"] = self.resolved_latent_dims
+        if self.model == "mlp2":
+            return dict(kind="mlp2", hidden=list(self.hidden), upper_hidden=list(self.upper_hidden), activation=act,
+                        **common)
+        if self.model == "topdown":
+            return dict(kind="topdown", hidden=int(self.hidden[0]), activation=act, **common)
+        return dict(kind="topdown-conv", channels=list(self.conv_channels), activation=act, **common)
 
     def to_dict(self) -> dict:
         """Plain dict (JSON- and checkpoint-safe)."""
@@ -239,6 +266,19 @@ class TrainConfig:
         need(len(self.hidden) >= 1 and all(h >= 1 for h in self.hidden), f"hidden must be widths >= 1, got {self.hidden}")
         need(len(self.conv_channels) >= 1 and all(c >= 1 for c in self.conv_channels),
              f"conv_channels must be >= 1, got {self.conv_channels}")
+        need(len(self.upper_hidden) >= 1 and all(h >= 1 for h in self.upper_hidden),
+             f"upper_hidden must be widths >= 1, got {self.upper_hidden}")
+        if self.latent_dims is not None:
+            need(self.model in HIERARCHICAL, f"latent_dims is for the hierarchical models ({', '.join(HIERARCHICAL)}); "
+                 f"model {self.model!r} takes latent_dim")
+        if self.model in HIERARCHICAL:
+            dims = self.resolved_latent_dims
+            need(len(dims) >= 2 and all(d >= 1 for d in dims), f"latent_dims must be at least 2 sizes >= 1, got {dims}")
+            need(self.model != "mlp2" or len(dims) == 2, f"model mlp2 has two stochastic layers: latent_dims must "
+                 f"be 2 sizes, got {dims}")
+            need(self.model != "topdown-conv" or len(self.conv_channels) == len(dims),
+                 f"model topdown-conv needs one conv_channels value per layer: {len(dims)} layers "
+                 f"(latent_dims {dims}), got conv_channels {self.conv_channels}")
         need(math.isfinite(self.sigma) and self.sigma > 0, f"sigma must be > 0, got {self.sigma}")
         need(self.beta >= 0, f"beta must be >= 0, got {self.beta}")
         need(self.free_bits >= 0, f"free_bits must be >= 0, got {self.free_bits}")
@@ -288,6 +328,11 @@ class TrainConfig:
              f"name must be a plain directory name, got {self.name!r}")
 
 
+# How a message names the value an option takes: (one value, several values).
+TYPE_NAMES = {int: ("an integer", "integers"), float: ("a number", "numbers"), str: ("a string", "strings"),
+              bool: ("true or false", "booleans")}
+
+
 def _coerce(f: dataclasses.Field, value: Any, source: str) -> Any:
     """Checks a config-file value against the field's type (ints may be given for floats).
 
@@ -315,10 +360,11 @@ def _coerce(f: dataclasses.Field, value: Any, source: str) -> Any:
         good = isinstance(value, (list, tuple)) and all(ok(v) for v in value)
         good = good and (len(value) == nargs if isinstance(nargs, int) else len(value) >= 1)
         if not good:
-            raise ConfigError(f"{source}: {f.name} must be a list of {typ.__name__}, got {value!r}")
+            count = f"{nargs} " if isinstance(nargs, int) else ""
+            raise ConfigError(f"{source}: {f.name} must be a list of {count}{TYPE_NAMES[typ][1]}, got {value!r}")
         return [typ(v) for v in value]
     if not ok(value):
-        raise ConfigError(f"{source}: {f.name} must be a {typ.__name__}, got {value!r}")
+        raise ConfigError(f"{source}: {f.name} must be {TYPE_NAMES[typ][0]}, got {value!r}")
     return typ(value)
 
 

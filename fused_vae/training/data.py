@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from .. import backends
-from ..backends.protocol import KL_SKIP
+from ..backends.protocol import LOGQ_SKIP, REDUCE_SKIP
 
 
 class DataError(ValueError):
@@ -262,7 +262,9 @@ def binarize_with_seed(thresholds: torch.Tensor, seed: torch.Tensor, backend: st
         zero = _ZEROS[thresholds.device] = torch.zeros((), device=thresholds.device)
     zeros = zero.expand(thresholds.shape)
     # The op itself (the arguments are known good): z = 0 + exp(0) * eps is exactly eps.
-    eps = backends.resolve(backend, thresholds.device).reparam_kl(zeros, zeros, seed, 1, KL_SKIP, None, None)[0]
+    eps = backends.resolve(backend, thresholds.device).run(
+        "reparam_kl", zeros, zeros, None, None, seed, 1, REDUCE_SKIP, LOGQ_SKIP, None, None
+    )[0]
     return (eps[0] < thresholds).float()
 
 

@@ -136,6 +136,26 @@ def save_interpolation(model, pairs: list[tuple[torch.Tensor, torch.Tensor]], pa
                                  "posterior means")
 
 
+@torch.no_grad()
+def save_run_images(model, data, run_dir, *, seed: int = 0) -> dict[str, Path]:
+    """The image outputs of a training run in ``run_dir``, as :class:`~fused_vae.training.trainer.Trainer`
+    writes them: ``reconstructions.png`` (the first 16 test images of ``data``, a DataBundle),
+    ``samples.png`` (64 prior draws with ``seed``) and ``interpolation.png`` (test images 0 to 1,
+    2 to 3, 4 to 5, 6 to 7). Returns ``{file name: path}``; leaves ``model`` in eval mode."""
+    model.eval()
+    device = next(model.parameters()).device
+    run_dir = Path(run_dir)
+    vr = data.value_range
+    out = {"reconstructions.png": save_reconstructions(model, data.test[:16].to(device),
+                                                       run_dir / "reconstructions.png", value_range=vr),
+           "samples.png": save_samples(model, run_dir / "samples.png", n=64, seed=seed, value_range=vr)}
+    n_pairs = min(4, data.test.shape[0] // 2)
+    pairs = [(data.test[2 * j].to(device), data.test[2 * j + 1].to(device)) for j in range(n_pairs)]
+    if pairs:
+        out["interpolation.png"] = save_interpolation(model, pairs, run_dir / "interpolation.png", value_range=vr)
+    return out
+
+
 def _train_loss_lines(ax, records: list[dict], series) -> None:
     """Training loss and -ELBO on ``ax``: one line labelled "loss = -ELBO" where they coincide
     (the ELBO objective at beta = 1, no free bits), else both, -ELBO dashed so neither hides the other."""
@@ -153,9 +173,17 @@ def _train_loss_lines(ax, records: list[dict], series) -> None:
     ax.plot(se, neg, "--", lw=1, label="train -ELBO")
 
 
+def layer_kl_keys(records: list[dict]) -> list[str]:
+    """The per-layer KL statistics (``kl_<layer>``) the training records of a hierarchical model hold."""
+    train = [r for r in records if r.get("kind") == "train"]
+    return [k for k in (train[-1] if train else {}) if k.startswith("kl_") and k != "kl_penalty"]
+
+
 def loss_curve_figure(records: list[dict]):
     """A matplotlib Figure (no pyplot state) of training loss and -ELBO, test -ELBO (and IWAE
-    NLL), reconstruction and KL against the optimizer step from the metric records."""
+    NLL), reconstruction and KL against the optimizer step from the metric records; for a
+    hierarchical model a third panel with each stochastic layer's KL (a layer whose KL stays
+    near 0 has collapsed onto its prior)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -164,9 +192,11 @@ def loss_curve_figure(records: list[dict]):
                if r.get("kind") == kind and isinstance(r.get(key), (int, float))]
         return [p[0] for p in pts], [p[1] for p in pts]
 
-    fig = Figure(figsize=(11, 4), dpi=100)
+    layers = layer_kl_keys(records)
+    fig = Figure(figsize=(16.5 if layers else 11, 4), dpi=100)
     FigureCanvasAgg(fig)
-    ax1, ax2 = fig.subplots(1, 2)
+    axes = fig.subplots(1, 3 if layers else 2)
+    ax1, ax2 = axes[0], axes[1]
     _train_loss_lines(ax1, records, series)
     s, v = series("eval", "test_elbo")
     ax1.plot(s, [-e for e in v], "o-", ms=2, label="test -ELBO")
@@ -189,6 +219,16 @@ def loss_curve_figure(records: list[dict]):
     ax2.set_title("reconstruction and KL")
     ax2.legend()
     ax2.grid(alpha=0.3)
+    if layers:
+        ax3 = axes[2]
+        for key in layers:
+            s, v = series("train", key)
+            ax3.plot(s, v, lw=1, label=f"layer {key[3:]}")
+        ax3.set_xlabel("step")
+        ax3.set_ylabel("nats per example")
+        ax3.set_title("train KL of each stochastic layer")
+        ax3.legend()
+        ax3.grid(alpha=0.3)
     fig.tight_layout()
     return fig
 

@@ -42,6 +42,16 @@ PRESETS: dict[str, dict] = {
 }
 
 
+# The same paper's two-stochastic-layer rows: x-200-200-h1(100)-100-100-h2(50) tanh, with
+# Gaussian p(h1 | h2), the same data, optimiser, schedule and evaluation.
+PRESETS["iwae-mnist-2layer"] = {
+    **PRESETS["iwae-mnist"],
+    "model": "mlp2",
+    "latent_dims": [100, 50],
+    "upper_hidden": [100, 100],
+}
+
+
 def load_preset(name: str) -> dict:
     """The options of preset ``name`` (a fresh dict).
 

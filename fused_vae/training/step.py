@@ -17,8 +17,7 @@ def forward_backward(module, x: torch.Tensor, *, cfg, beta, seed: torch.Tensor, 
     """Runs ``module`` (the VAE, or its DDP wrapper) on micro-batch ``x`` with ``cfg``'s objective
     and backpropagates its loss divided by ``n_micro``.
 
-    Returns the micro-batch's :data:`~fused_vae.training.stats.BATCH_STATS` as a detached
-    ``[5]`` float32 tensor.
+    Returns the micro-batch's statistics (the model's ``stat_names``) as a detached float32 tensor.
     """
     with autocast():
         loss, stats = module(x, beta=beta, free_bits=cfg.free_bits, objective=cfg.objective,

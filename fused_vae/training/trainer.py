@@ -33,6 +33,28 @@ _DEVICE_DATA_LIMIT = 2 << 30
 SMALL_MODEL_PARAMS = 1_000_000
 
 
+def default_threads(model: torch.nn.Module, device, threads: int | None = None) -> int | None:
+    """The CPU thread count for running ``model`` on ``device``: ``threads`` when given; else 1 on a
+    CPU for a model under :data:`SMALL_MODEL_PARAMS` parameters (its layers are too small to gain
+    from threads, and lose much when other jobs share the cores); else None (torch's choice)."""
+    if threads:
+        return int(threads)
+    small = sum(p.numel() for p in model.parameters()) < SMALL_MODEL_PARAMS
+    return 1 if torch.device(device).type == "cpu" and small else None
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int | None):
+    """Runs the block with ``torch.set_num_threads(threads)`` (None: as it is) and restores the count."""
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 class NonFiniteLossError(RuntimeError):
     """The loss or gradient norm became NaN/Inf; the message names the step and the last
     good checkpoint (which is left untouched)."""
@@ -44,6 +66,11 @@ class RunExistsError(FileExistsError):
 
 class TrainingInterrupted(KeyboardInterrupt):
     """Ctrl-C during training; the message names the last checkpoint and the command that resumes."""
+
+
+def plural(n, noun: str) -> str:
+    """``n`` and ``noun``, with an ``s`` unless ``n`` is 1: ``"1 epoch"``, ``"2.5 epochs"``."""
+    return f"{n:g} {noun}{'' if n == 1 else 's'}"
 
 
 def _write_json(path: Path, obj: dict) -> None:
@@ -219,10 +246,9 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         model = build_model(spec, backend=cfg.backend).to(device)
         backend_name = backend_for(device, cfg.backend)
-        if cfg.threads:
-            torch.set_num_threads(cfg.threads)
-        elif device.type == "cpu" and sum(p.numel() for p in model.parameters()) < SMALL_MODEL_PARAMS:
-            torch.set_num_threads(1)
+        threads = default_threads(model, device, cfg.threads)
+        if threads:  # fit() restores the count
+            torch.set_num_threads(threads)
         # Dynamic binarization needs only each pixel's Bernoulli threshold, not the pixel itself.
         train_x = bernoulli_thresholds(data.train) if cfg.binarize == "dynamic" else data.train
         if device.type != "cpu" and train_x.numel() * 4 <= _DEVICE_DATA_LIMIT:
@@ -269,7 +295,8 @@ class Trainer:
             run.resumed = True
             if ctx.is_main:
                 print(f"resuming from step {run.step} (epoch {run.step / spe:g}) of {self.last_good[0]}", flush=True)
-        run.window = StatsWindow(device, cfg.log_every, divisor=cfg.grad_accum * ctx.world_size, step=run.step)
+        run.window = StatsWindow(device, cfg.log_every, divisor=cfg.grad_accum * ctx.world_size, step=run.step,
+                                 batch_stats=model.stat_names)
         if captured:
             try:
                 run.captured = CapturedStep(
@@ -458,9 +485,14 @@ class Trainer:
 
     def _interrupted_message(self, run: _Run) -> str:
         head = f"interrupted at step {run.step} of {run.total_steps}."
-        if self.last_good is None:
-            return (f"{head} No checkpoint was written yet (one is written every --checkpoint-every "
-                    f"{run.checkpoint_every} epochs); start again with --overwrite.")
+        last = self.ckpt_dir / "last.pt"
+        if self.last_good is None and last.exists():  # written just as Ctrl-C came, or by an earlier run
+            return (f"{head} {last} exists (written as the run stopped, or by an earlier run); resume from it with: "
+                    f"fused-vae train --resume {self.run_dir}, or start over with --overwrite.")
+        if self.last_good is None:  # nothing to resume, and nothing that stops a new start (RunExistsError)
+            return (f"{head} No checkpoint of this run was written yet (the first comes after "
+                    f"{plural(run.checkpoint_every, 'epoch')}, --checkpoint-every), so there is nothing to resume; "
+                    "run the same command again to start over.")
         path, step = self.last_good
         return (f"{head} Last checkpoint: {path} (step {step}). Resume with: "
                 f"fused-vae train --resume {self.run_dir}")
@@ -498,18 +530,9 @@ class Trainer:
         return summary
 
     def _write_outputs(self, model, data: DataBundle, records: list[dict]) -> None:
-        from .plots import save_interpolation, save_loss_curves, save_reconstructions, save_samples
+        from .plots import save_loss_curves, save_run_images
 
-        model.eval()
-        device = next(model.parameters()).device
-        vr = data.value_range
-        test = data.test[:16].to(device)
-        save_reconstructions(model, test, self.run_dir / "reconstructions.png", value_range=vr)
-        save_samples(model, self.run_dir / "samples.png", n=64, seed=self.cfg.seed, value_range=vr)
-        n_pairs = min(4, data.test.shape[0] // 2)
-        pairs = [(data.test[2 * j].to(device), data.test[2 * j + 1].to(device)) for j in range(n_pairs)]
-        if pairs:
-            save_interpolation(model, pairs, self.run_dir / "interpolation.png", value_range=vr)
+        save_run_images(model, data, self.run_dir, seed=self.cfg.seed)
         save_loss_curves(records, self.run_dir / "loss_curves.png")
         model.train()
 
