@@ -20,7 +20,9 @@ binarization, gradient clipping, and ``optimizer.step()`` with the LR schedule).
 is the median over rounds of (step time with everything - step time with that part off) of
 the same round: blocks of one round run within a second, so the machine's slow drift cancels.
 What is left (the forward and backward, and the trainer's statistics) is the step with all its
-parts off. Steps switched off change what later steps compute (no update: the same weights),
+parts off; ``--profile`` then splits each side's step by operator (torch.profiler's self CPU
+time per step over one block of each, the profiler's own overhead included, so the split is a
+proportion, not a timing). Steps switched off change what later steps compute (no update: the same weights),
 not the work a step does. One torch thread, times from ``time.perf_counter``.
 
     python benchmarks/trainer_breakdown.py              # about 2 minutes on 2 quiet cores
@@ -39,7 +41,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_trainer import configurations  # noqa: E402
+from bench_trainer import configurations, plain_model  # noqa: E402
 from common import environment, load_average, save_result  # noqa: E402
 from plain import PlainLoop, PlainMLPVAE  # noqa: E402
 
@@ -73,13 +75,18 @@ class TrainerSteps:
 
 
 class PlainSteps:
-    """benchmarks/plain.py's :class:`PlainLoop` from the trainer's weights, reading its loss back
-    every 50 steps as ``train_plain`` does; ``off`` switches :data:`PLAIN_PARTS` off."""
+    """benchmarks/plain.py's :class:`PlainLoop` of the configuration's net (bench_trainer.py's
+    ``plain_model``) from the trainer's weights, reading its loss back every 50 steps as
+    ``train_plain`` does; ``off`` switches :data:`PLAIN_PARTS` off."""
 
-    def __init__(self, steps: TrainerSteps, plain_kwargs: dict):
+    def __init__(self, steps: TrainerSteps, config: dict):
         run = steps.run
-        model = PlainMLPVAE(run.data.train[0].numel(), 50, (200, 200)).copy_from(run.model)
-        self.loop = PlainLoop(model, run.data.train, total_steps=1_000_000, **plain_kwargs)
+        model = plain_model(config, run.data.train[0].numel())
+        if isinstance(model, PlainMLPVAE):
+            model.copy_from(run.model)
+        else:  # the hierarchical nets: the trainer's own model class
+            model.load_state_dict(run.model.state_dict())
+        self.loop = PlainLoop(model, run.data.train, total_steps=1_000_000, **config["plain"])
         self.parts_on = {"binarization": self.loop.binarize, "clipping": self.loop.clip, "update": True}
         self.off: tuple[str, ...] = ()
 
@@ -138,12 +145,26 @@ class PartsOff:
         self.saved.clear()
 
 
-def breakdown(name: str, config: dict, *, rounds: int, block: int) -> dict:
+def op_profile(fn, steps: int, top: int = 25) -> dict:
+    """``{operator: self CPU us per step}`` of ``fn(steps)`` under torch.profiler: the ``top``
+    largest, the rest as ``"other"``, and ``"total"``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn(steps)
+    rows = sorted(((e.key, e.self_cpu_time_total / steps) for e in prof.key_averages()), key=lambda r: -r[1])
+    out = {k: round(v, 1) for k, v in rows[:top]}
+    out["other"] = round(sum(v for _, v in rows[top:]), 1)
+    out["total"] = round(sum(v for _, v in rows), 1)
+    return out
+
+
+def breakdown(name: str, config: dict, *, rounds: int, block: int, profile_ops: bool = False) -> dict:
     """Step times of the trainer and the plain loop, whole and with each of their parts (and all
     of them) off, over ``rounds`` interleaved rounds of ``block`` steps; the parts' costs."""
     with tempfile.TemporaryDirectory(prefix="trainer-breakdown-") as tmp:
         steps = TrainerSteps(config["args"], tmp)
-        plain = PlainSteps(steps, config["plain"])
+        plain = PlainSteps(steps, config)
         variants = {"plain loop": (plain, ()), "trainer": (steps, ())}
         variants.update({f"trainer without {p}": (steps, (p,)) for p in PARTS})
         variants["trainer without all"] = (steps, PARTS)
@@ -160,6 +181,7 @@ def breakdown(name: str, config: dict, *, rounds: int, block: int) -> dict:
                     t0 = time.perf_counter()
                     fn(block)
                     times[v].append((time.perf_counter() - t0) / block * 1e3)
+        profiles = {"trainer": op_profile(steps, block), "plain loop": op_profile(plain, block)} if profile_ops else None
 
     def paired(a: str, b: str) -> float:
         return statistics.median([x - y for x, y in zip(times[a], times[b])])
@@ -170,8 +192,14 @@ def breakdown(name: str, config: dict, *, rounds: int, block: int) -> dict:
                        "part_ms": {p: paired(side, f"{side} without {p}") for p in parts},
                        "rest_ms": statistics.median(times[f"{side} without all"])}
     ratio = statistics.median([t / p for t, p in zip(times["trainer"], times["plain loop"])])
-    out = {"config": name, "trainer_args": config["args"], "plain": config["plain"], "sides": sides,
+    plain_kwargs = {k: getattr(v, "__name__", v) for k, v in config["plain"].items()}  # the loss by name
+    out = {"config": name, "trainer_args": config["args"], "plain": plain_kwargs, "sides": sides,
            "trainer_over_plain_per_round_median": ratio, "values_ms_per_step": times}
+    if profiles is not None:
+        out["op_self_cpu_us_per_step"] = profiles
+        for side, prof in profiles.items():
+            print(f"{name} {side} by operator (self CPU us/step, profiled): " + ", ".join(
+                f"{k} {v:.0f}" for k, v in list(prof.items())[:8]) + f"; total {prof['total']:.0f}", flush=True)
     for side, v in sides.items():
         print(f"{name} {side}: step {v['step_ms']:.3f} ms; " + ", ".join(f"{p} {c * 1e3:.0f} us" for p, c in
               v["part_ms"].items()) + f"; rest {v['rest_ms']:.3f} ms", flush=True)
@@ -186,6 +214,7 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=60, help="interleaved rounds (default 60)")
     parser.add_argument("--block", type=int, default=25, help="steps per timed block (default 25)")
     parser.add_argument("--quick", action="store_true", help="4 rounds of 10 steps (a smoke test)")
+    parser.add_argument("--profile", action="store_true", help="also split each side's step by operator")
     parser.add_argument("--out", type=Path, default=None, help="result JSON path (default: results/...)")
     args = parser.parse_args(argv)
     all_configs = configurations()
@@ -196,9 +225,9 @@ def main(argv=None) -> int:
     rounds, block = (4, 10) if args.quick else (args.rounds, args.block)
     torch.set_num_threads(1)
     env = environment()
-    results = [breakdown(n, all_configs[n], rounds=rounds, block=block) for n in names]
+    results = [breakdown(n, all_configs[n], rounds=rounds, block=block, profile_ops=args.profile) for n in names]
     payload = {"benchmark": "trainer_breakdown", "environment": {**env, "load_average_at_end": load_average()},
-               "quick": args.quick, "rounds": rounds, "block_steps": block, "parts": {"trainer": list(PARTS), "plain loop": list(PLAIN_PARTS)},
+               "quick": args.quick, "profile": args.profile, "rounds": rounds, "block_steps": block, "parts": {"trainer": list(PARTS), "plain loop": list(PLAIN_PARTS)},
                "method": __doc__.split("\n\n")[1].replace("\n", " "), "results": results}
     return save_result(args, "cpu-trainer-breakdown", payload)
 

@@ -80,7 +80,8 @@ def test_smallest_configuration_runs(tmp_path):
 
 @pytest.mark.slow
 def test_trainer_breakdown_runs_and_switches_parts_off_and_on(tmp_path):
-    """The breakdown's smoke run; switching a part off and back on leaves the trainer as it was."""
+    """The breakdown's smoke run (a one-layer and a hierarchical net, split by operator);
+    switching a part off and back on leaves the trainer as it was."""
     import trainer_breakdown
     from fused_vae.training import trainer as trainer_module
 
@@ -88,11 +89,19 @@ def test_trainer_breakdown_runs_and_switches_parts_off_and_on(tmp_path):
     out = tmp_path / "breakdown.json"
     threads = torch.get_num_threads()
     try:
-        assert trainer_breakdown.main(["--quick", "--configs", "iwae-iwae-K5", "--out", str(out)]) == 0
+        assert trainer_breakdown.main(["--quick", "--profile", "--configs", "iwae-iwae-K5,topdown-elbo-K1",
+                                       "--out", str(out)]) == 0
     finally:
         torch.set_num_threads(threads)
     assert (trainer_module.grad_norm, trainer_module.binarize_with_seed, trainer_module.Trainer._check_due) == real
-    (row,) = json.loads(out.read_text())["results"]
-    assert set(row["sides"]["trainer"]["part_ms"]) == set(trainer_breakdown.PARTS)
-    assert set(row["sides"]["plain loop"]["part_ms"]) == set(trainer_breakdown.PLAIN_PARTS)
-    assert all(len(v) == 4 for v in row["values_ms_per_step"].values()) and row["trainer_over_plain_per_round_median"] > 0
+    rows = json.loads(out.read_text())["results"]
+    assert [row["config"] for row in rows] == ["iwae-iwae-K5", "topdown-elbo-K1"]
+    for row in rows:
+        assert set(row["sides"]["trainer"]["part_ms"]) == set(trainer_breakdown.PARTS)
+        assert set(row["sides"]["plain loop"]["part_ms"]) == set(trainer_breakdown.PLAIN_PARTS)
+        assert all(len(v) == 4 for v in row["values_ms_per_step"].values())
+        assert row["trainer_over_plain_per_round_median"] > 0
+        profiles = row["op_self_cpu_us_per_step"]
+        assert any(op.startswith("fused_vae::") for op in profiles["trainer"])  # the fused ops run
+        assert not any(op.startswith("fused_vae::") for op in profiles["plain loop"])
+        assert all(p["total"] > 0 for p in profiles.values())

@@ -77,60 +77,58 @@ struct FwdArgs {
   int64_t num_samples;
 };
 
-// The element loop of a forward tile with a prior or a log density: z, both KL terms and the
-// log density of one sample. The log-density kind is a template flag so that the loop
-// vectorises (GCC does not vectorise a select on a run-time flag here).
-template <typename scalar_t, bool kPrior, bool kRatio>
-FV_INLINE void terms_loop(const scalar_t* __restrict mu, const scalar_t* __restrict lv,
-                          const scalar_t* __restrict pm, const scalar_t* __restrict pl,
-                          const float* __restrict eps, scalar_t* __restrict z,
-                          at::opmath_type<scalar_t>* __restrict kl_buf, at::opmath_type<scalar_t>* __restrict lq_buf,
-                          const ClampSpec clamp, int64_t n) {
+// What a forward tile with a prior or a log density computes once for all its samples.
+template <typename acc_t>
+struct TermBuffers {
+  alignas(64) acc_t l[kTile];     // clamped logvar
+  alignas(64) acc_t sd[kTile];    // exp(0.5 * l)
+  alignas(64) acc_t p_lv[kTile];  // clamped prior logvar (with a prior)
+  alignas(64) acc_t ipv[kTile];   // exp(-p_lv) (with a prior)
+};
+
+// The per-sample element loop of a forward tile with a prior or a log density: z and, with
+// kLogq, the log density (kRatio: log q - log p). l, sd, the prior's clamped logvar and ipv
+// come from the tile's buffers (the same for every sample). The kinds are template flags so
+// that the loop vectorises (GCC does not vectorise a select on a run-time flag here).
+template <typename scalar_t, bool kPrior, bool kLogq, bool kRatio>
+FV_INLINE void sample_loop(const scalar_t* __restrict mu, const scalar_t* __restrict pm,
+                           const TermBuffers<at::opmath_type<scalar_t>>& tb, const float* __restrict eps,
+                           scalar_t* __restrict z, at::opmath_type<scalar_t>* __restrict lq_buf, int64_t n) {
   using acc_t = at::opmath_type<scalar_t>;
   using io = Io<scalar_t>;
+  const acc_t* __restrict l = tb.l;
+  const acc_t* __restrict sd = tb.sd;
+  const acc_t* __restrict p_lv = tb.p_lv;
+  const acc_t* __restrict ipv = tb.ipv;
   FV_IVDEP
   for (int64_t k = 0; k < n; ++k) {
-    const acc_t m = io::load(mu, k);
-    const acc_t l = clamp.apply(io::load(lv, k));
-    const acc_t sd = op_exp(acc_t(0.5) * l);
     const acc_t e = static_cast<acc_t>(eps[k]);
-    const acc_t zz = m + sd * e;
+    const acc_t zz = io::load(mu, k) + sd[k] * e;
     io::store(z, k, zz);
-    acc_t p_mu = 0, p_lv = 0, ipv = 1;
-    if (kPrior) {
-      p_mu = io::load(pm, k);
-      p_lv = clamp.apply(io::load(pl, k));
-      ipv = op_exp(-p_lv);
+    if (kLogq) {
+      const acc_t zp = kPrior ? zz - io::load(pm, k) : zz;
+      lq_buf[k] = logq_term(e, l[k], zp, kPrior ? p_lv[k] : acc_t(0), kPrior ? ipv[k] : acc_t(1), kRatio);
     }
-    // Both terms every time (cheaper than a branch that keeps the loop from vectorising).
-    kl_buf[k] = kPrior ? kl_prior_term(m, l, sd, p_mu, p_lv, ipv) : kl_term(m, l, sd);
-    lq_buf[k] = logq_term(e, l, zz - p_mu, p_lv, ipv, kRatio);
   }
 }
 
-// Forward of one tile for sample s; the KL is produced with sample 0.
-template <typename scalar_t, bool kPrior>
-FV_INLINE void forward_tile(const FwdArgs<scalar_t>& a, const TilePlan& plan, const Tile& t, int64_t s) {
+// Forward of the plain op (no prior, no log density) for sample s; the KL is produced with
+// sample 0 (want_kl).
+template <typename scalar_t>
+FV_INLINE void plain_forward(const FwdArgs<scalar_t>& a, const TilePlan& plan, const Tile& t, int64_t s,
+                             bool want_kl, at::opmath_type<scalar_t>* __restrict kl_buf) {
   using acc_t = at::opmath_type<scalar_t>;
   using io = Io<scalar_t>;
   alignas(64) float eps_buf[kTile + 8];
-  alignas(64) acc_t kl_buf[kTile];
-  alignas(64) acc_t lq_buf[kTile];
   const scalar_t* __restrict mu = a.mu + t.j0;
   const scalar_t* __restrict lv = a.lv + t.j0;
-  const scalar_t* __restrict pm = kPrior ? a.pm + t.j0 : nullptr;
-  const scalar_t* __restrict pl = kPrior ? a.pl + t.j0 : nullptr;
   const ClampSpec clamp = a.clamp;
-  const bool want_kl = s == 0 && (a.kl_elem != nullptr || a.kl != nullptr);
-  const bool want_lq = a.logq != nullptr;
-  const bool ratio = logq_is_ratio(a.logq_mode);
   const int64_t n = t.len;
-
   if (a.z != nullptr) {
     const int64_t flat0 = s * plan.s.N + t.j0;
     const float* __restrict eps = stream_normals(a.seed, static_cast<uint64_t>(flat0), n, eps_buf);
     scalar_t* __restrict z = a.z + flat0;
-    if (!kPrior && !want_lq && want_kl) {
+    if (want_kl) {
       for (int64_t k = 0; k < n; ++k) {
         const acc_t m = io::load(mu, k);
         const acc_t l = clamp.apply(io::load(lv, k));
@@ -138,36 +136,117 @@ FV_INLINE void forward_tile(const FwdArgs<scalar_t>& a, const TilePlan& plan, co
         io::store(z, k, m + sd * static_cast<acc_t>(eps[k]));
         kl_buf[k] = kl_term(m, l, sd);
       }
-    } else if (!kPrior && !want_lq) {
+    } else {
       for (int64_t k = 0; k < n; ++k) {
         const acc_t m = io::load(mu, k);
         const acc_t l = clamp.apply(io::load(lv, k));
         const acc_t sd = op_exp(acc_t(0.5) * l);
         io::store(z, k, m + sd * static_cast<acc_t>(eps[k]));
       }
-    } else if (ratio) {
-      terms_loop<scalar_t, kPrior, true>(mu, lv, pm, pl, eps, z, kl_buf, lq_buf, clamp, n);
-    } else {
-      terms_loop<scalar_t, kPrior, false>(mu, lv, pm, pl, eps, z, kl_buf, lq_buf, clamp, n);
     }
   } else if (want_kl) {
     FV_IVDEP
     for (int64_t k = 0; k < n; ++k) {
       const acc_t m = io::load(mu, k);
       const acc_t l = clamp.apply(io::load(lv, k));
+      kl_buf[k] = kl_term(m, l, op_exp(acc_t(0.5) * l));
+    }
+  }
+}
+
+// Forward of one sample's z and the KL to a prior without a log density in one pass over the
+// tile (a hierarchical VAE's layer); kDraw: a sample is drawn (else the KL alone).
+template <typename scalar_t, bool kDraw>
+FV_INLINE void prior_forward_one_pass(const FwdArgs<scalar_t>& a, const TilePlan& plan, const Tile& t, int64_t s,
+                                      at::opmath_type<scalar_t>* __restrict kl_buf) {
+  using acc_t = at::opmath_type<scalar_t>;
+  using io = Io<scalar_t>;
+  alignas(64) float eps_buf[kTile + 8];
+  const scalar_t* __restrict mu = a.mu + t.j0;
+  const scalar_t* __restrict lv = a.lv + t.j0;
+  const scalar_t* __restrict pm = a.pm + t.j0;
+  const scalar_t* __restrict pl = a.pl + t.j0;
+  const ClampSpec clamp = a.clamp;
+  const int64_t n = t.len;
+  const int64_t flat0 = s * plan.s.N + t.j0;
+  const float* __restrict eps = kDraw ? stream_normals(a.seed, static_cast<uint64_t>(flat0), n, eps_buf) : nullptr;
+  scalar_t* __restrict z = kDraw ? a.z + flat0 : nullptr;
+  FV_IVDEP
+  for (int64_t k = 0; k < n; ++k) {
+    const acc_t m = io::load(mu, k);
+    const acc_t l = clamp.apply(io::load(lv, k));
+    const acc_t sd = op_exp(acc_t(0.5) * l);
+    if (kDraw) io::store(z, k, m + sd * static_cast<acc_t>(eps[k]));
+    const acc_t p_lv = clamp.apply(io::load(pl, k));
+    kl_buf[k] = kl_prior_term(m, l, sd, io::load(pm, k), p_lv, op_exp(-p_lv));
+  }
+}
+
+// Forward of one tile for samples [s0, s1): the KL (produced by the work item holding sample 0),
+// z and the log density of each sample. With a prior or a log density the per-element terms
+// that do not depend on the noise (logvar's exp, the prior's, the KL) are computed once for
+// all the samples.
+template <typename scalar_t, bool kPrior>
+FV_INLINE void forward_tile(const FwdArgs<scalar_t>& a, const TilePlan& plan, const Tile& t, int64_t s0,
+                            int64_t s1) {
+  using acc_t = at::opmath_type<scalar_t>;
+  using io = Io<scalar_t>;
+  alignas(64) acc_t kl_buf[kTile];
+  const bool want_kl = s0 == 0 && (a.kl_elem != nullptr || a.kl != nullptr);
+  const bool want_lq = a.logq != nullptr;
+  const int64_t n = t.len;
+  if (!kPrior && !want_lq) {
+    for (int64_t s = s0; s < s1; ++s) plain_forward(a, plan, t, s, want_kl && s == 0, kl_buf);
+  } else if (kPrior && !want_lq && s1 - s0 == 1) {
+    if (a.z != nullptr) {
+      prior_forward_one_pass<scalar_t, true>(a, plan, t, s0, kl_buf);
+    } else {
+      prior_forward_one_pass<scalar_t, false>(a, plan, t, s0, kl_buf);
+    }
+  } else {
+    TermBuffers<acc_t> tb;
+    alignas(64) float eps_buf[kTile + 8];
+    alignas(64) acc_t lq_buf[kTile];
+    const scalar_t* __restrict mu = a.mu + t.j0;
+    const scalar_t* __restrict lv = a.lv + t.j0;
+    const scalar_t* __restrict pm = kPrior ? a.pm + t.j0 : nullptr;
+    const scalar_t* __restrict pl = kPrior ? a.pl + t.j0 : nullptr;
+    const ClampSpec clamp = a.clamp;
+    FV_IVDEP
+    for (int64_t k = 0; k < n; ++k) {
+      const acc_t m = io::load(mu, k);
+      const acc_t l = clamp.apply(io::load(lv, k));
       const acc_t sd = op_exp(acc_t(0.5) * l);
+      tb.l[k] = l;
+      tb.sd[k] = sd;
       if (kPrior) {
         const acc_t p_lv = clamp.apply(io::load(pl, k));
-        kl_buf[k] = kl_prior_term(m, l, sd, io::load(pm, k), p_lv, op_exp(-p_lv));
+        const acc_t ipv = op_exp(-p_lv);
+        tb.p_lv[k] = p_lv;
+        tb.ipv[k] = ipv;
+        kl_buf[k] = kl_prior_term(m, l, sd, io::load(pm, k), p_lv, ipv);
       } else {
         kl_buf[k] = kl_term(m, l, sd);
       }
     }
-  }
-  if (want_lq) {
-    const int64_t rows_before = s * plan.s.B;
-    reduce_tile(lq_buf, plan, t, a.logq->rows + rows_before,
-                a.logq->chunks != nullptr ? a.logq->chunks + rows_before * plan.chunks_per_row : nullptr);
+    const bool ratio = logq_is_ratio(a.logq_mode);
+    for (int64_t s = s0; s < s1 && a.z != nullptr; ++s) {
+      const int64_t flat0 = s * plan.s.N + t.j0;
+      const float* __restrict eps = stream_normals(a.seed, static_cast<uint64_t>(flat0), n, eps_buf);
+      scalar_t* __restrict z = a.z + flat0;
+      if (!want_lq) {
+        sample_loop<scalar_t, kPrior, false, false>(mu, pm, tb, eps, z, lq_buf, n);
+        continue;
+      }
+      if (ratio) {
+        sample_loop<scalar_t, kPrior, true, true>(mu, pm, tb, eps, z, lq_buf, n);
+      } else {
+        sample_loop<scalar_t, kPrior, true, false>(mu, pm, tb, eps, z, lq_buf, n);
+      }
+      const int64_t rows_before = s * plan.s.B;
+      reduce_tile(lq_buf, plan, t, a.logq->rows + rows_before,
+                  a.logq->chunks != nullptr ? a.logq->chunks + rows_before * plan.chunks_per_row : nullptr);
+    }
   }
   if (!want_kl) return;
   if (a.kl_elem != nullptr) {
@@ -180,19 +259,19 @@ FV_INLINE void forward_tile(const FwdArgs<scalar_t>& a, const TilePlan& plan, co
 
 #define FV_FWD_TILE(scalar_t, suffix)                                                                     \
   FV_CLONES void forward_tile_##suffix(const FwdArgs<scalar_t>& a, const TilePlan& plan, const Tile& t,  \
-                                       int64_t s) {                                                      \
-    forward_tile<scalar_t, false>(a, plan, t, s);                                                         \
+                                       int64_t s0, int64_t s1) {                                         \
+    forward_tile<scalar_t, false>(a, plan, t, s0, s1);                                                    \
   }                                                                                                       \
   FV_CLONES void forward_tile_prior_##suffix(const FwdArgs<scalar_t>& a, const TilePlan& plan,           \
-                                             const Tile& t, int64_t s) {                                 \
-    forward_tile<scalar_t, true>(a, plan, t, s);                                                          \
+                                             const Tile& t, int64_t s0, int64_t s1) {                    \
+    forward_tile<scalar_t, true>(a, plan, t, s0, s1);                                                     \
   }                                                                                                       \
   inline void forward_tile_dispatch(const FwdArgs<scalar_t>& a, const TilePlan& plan, const Tile& t,     \
-                                    int64_t s) {                                                         \
+                                    int64_t s0, int64_t s1) {                                            \
     if (a.pm != nullptr) {                                                                                \
-      forward_tile_prior_##suffix(a, plan, t, s);                                                         \
+      forward_tile_prior_##suffix(a, plan, t, s0, s1);                                                    \
     } else {                                                                                              \
-      forward_tile_##suffix(a, plan, t, s);                                                               \
+      forward_tile_##suffix(a, plan, t, s0, s1);                                                          \
     }                                                                                                     \
   }
 FV_FWD_TILE(float, f32)
@@ -237,10 +316,19 @@ ReparamKlOutputs reparam_kl_fwd_cpu(FV_REPARAM_KL_FWD_ARGS) {
     a.clamp = make_clamp(clamp_lo, clamp_hi);
     a.seed = seed_value;
     a.num_samples = num_samples;
+    // A work item is one tile and a run of its samples: enough runs per tile to give every
+    // thread two items, each run as long as that allows (the noise-free terms are made once
+    // per item). Every output is written by one item, so the results do not depend on this.
     const int64_t passes = std::max<int64_t>(num_samples, 1);
-    at::parallel_for(0, passes * plan.num_tiles, grain_tiles(plan), [&](int64_t begin, int64_t end) {
+    const int64_t wanted_runs = std::clamp<int64_t>(
+        (2 * at::get_num_threads() + plan.num_tiles - 1) / std::max<int64_t>(plan.num_tiles, 1), 1, passes);
+    const int64_t run_len = (passes + wanted_runs - 1) / wanted_runs;
+    const int64_t runs = (passes + run_len - 1) / run_len;
+    const int64_t grain = std::max<int64_t>(1, grain_tiles(plan) / run_len);
+    at::parallel_for(0, runs * plan.num_tiles, grain, [&](int64_t begin, int64_t end) {
       for (int64_t w = begin; w < end; ++w) {
-        forward_tile_dispatch(a, plan, plan.tile(w % plan.num_tiles), w / plan.num_tiles);
+        const int64_t s0 = (w / plan.num_tiles) * run_len;
+        forward_tile_dispatch(a, plan, plan.tile(w % plan.num_tiles), s0, std::min(s0 + run_len, passes));
       }
     });
     kl_rows.finish(kl, kl_mode, shape.B, plan);
@@ -379,16 +467,21 @@ struct LogqGradBuffers {
   acc_t* __restrict pl;
 };
 
-// Adds one sample's log-density gradients (gw per element) to `out`; the kind is a template
-// flag so that the loop vectorises.
-template <typename scalar_t, bool kPrior, bool kRatio, bool kPath>
-FV_INLINE void logq_grads_loop(const scalar_t* __restrict mu, const scalar_t* __restrict pm,
-                               const float* __restrict eps, const at::opmath_type<scalar_t>* __restrict gw,
-                               const at::opmath_type<scalar_t>* __restrict sd,
-                               const at::opmath_type<scalar_t>* __restrict ipv,
-                               const LogqGradBuffers<at::opmath_type<scalar_t>>& out, int64_t n) {
+// One sample's part of the backward with a log density: adds grad_z (kGz) and grad_z * eps to
+// the tile's sums and gw times the log-density gradients to `out`, in one pass. The kinds are
+// template flags so that the loop vectorises.
+template <typename scalar_t, bool kPrior, bool kGz, bool kRatio, bool kPath>
+FV_INLINE void sample_grads_loop(const scalar_t* __restrict mu, const scalar_t* __restrict pm,
+                                 const scalar_t* __restrict gz, const float* __restrict eps,
+                                 const at::opmath_type<scalar_t>* __restrict gw,
+                                 const at::opmath_type<scalar_t>* __restrict sd,
+                                 const at::opmath_type<scalar_t>* __restrict ipv,
+                                 BwdTileBuffers<at::opmath_type<scalar_t>>& b,
+                                 const LogqGradBuffers<at::opmath_type<scalar_t>>& out, int64_t n) {
   using acc_t = at::opmath_type<scalar_t>;
   using io = Io<scalar_t>;
+  acc_t* __restrict gz_sum = b.gz_sum;
+  acc_t* __restrict gz_eps_sum = b.gz_eps_sum;
   acc_t* __restrict g_mu = out.mu;
   acc_t* __restrict g_lv = out.lv;
   acc_t* __restrict g_pm = out.pm;
@@ -396,14 +489,41 @@ FV_INLINE void logq_grads_loop(const scalar_t* __restrict mu, const scalar_t* __
   FV_IVDEP
   for (int64_t k = 0; k < n; ++k) {
     const acc_t e = static_cast<acc_t>(eps[k]);
+    if (kGz) {
+      const acc_t g = io::load(gz, k);
+      gz_sum[k] += g;
+      gz_eps_sum[k] += g * e;
+    }
     const acc_t zz = io::load(mu, k) + sd[k] * e;
     const acc_t zp = kPrior ? zz - io::load(pm, k) : zz;
     Grad4<acc_t> g;
-    add_logq_grads(g, gw[k], e, sd[k], zp, ipv[k], kRatio, kPath);
+    add_logq_grads(g, gw[k], e, sd[k], zp, kPrior ? ipv[k] : acc_t(1), kRatio, kPath);
     g_mu[k] += g.mu;
     g_lv[k] += g.lv;
-    g_pm[k] += g.pm;
-    g_pl[k] += g.pl;
+    if (kPrior) {
+      g_pm[k] += g.pm;
+      g_pl[k] += g.pl;
+    }
+  }
+}
+
+// sample_grads_loop with the log-density kind of the op's mode.
+template <typename scalar_t, bool kPrior, bool kGz>
+FV_INLINE void sample_grads(int64_t logq_mode, const scalar_t* mu, const scalar_t* pm, const scalar_t* gz,
+                            const float* eps, const at::opmath_type<scalar_t>* gw,
+                            const at::opmath_type<scalar_t>* sd, const at::opmath_type<scalar_t>* ipv,
+                            BwdTileBuffers<at::opmath_type<scalar_t>>& b,
+                            const LogqGradBuffers<at::opmath_type<scalar_t>>& out, int64_t n) {
+  const bool ratio = logq_is_ratio(logq_mode);
+  const bool path = logq_is_path(logq_mode);
+  if (ratio && path) {
+    sample_grads_loop<scalar_t, kPrior, kGz, true, true>(mu, pm, gz, eps, gw, sd, ipv, b, out, n);
+  } else if (ratio) {
+    sample_grads_loop<scalar_t, kPrior, kGz, true, false>(mu, pm, gz, eps, gw, sd, ipv, b, out, n);
+  } else if (path) {
+    sample_grads_loop<scalar_t, kPrior, kGz, false, true>(mu, pm, gz, eps, gw, sd, ipv, b, out, n);
+  } else {
+    sample_grads_loop<scalar_t, kPrior, kGz, false, false>(mu, pm, gz, eps, gw, sd, ipv, b, out, n);
   }
 }
 
@@ -422,8 +542,6 @@ FV_INLINE void backward_tile_terms(const BwdArgs<scalar_t>& a, const TilePlan& p
   const int64_t n = t.len;
   const int64_t N = plan.s.N;
   const int64_t B = plan.s.B;
-  const bool ratio = logq_is_ratio(a.logq_mode);
-  const bool path = logq_is_path(a.logq_mode);
   a.grad_kl.spread(plan, t, b.gkl);
   if (kPrior && a.grad_logq == nullptr && a.num_samples <= 1) {
     if (a.grad_z != nullptr) {
@@ -444,34 +562,28 @@ FV_INLINE void backward_tile_terms(const BwdArgs<scalar_t>& a, const TilePlan& p
     ipv_buf[k] = kPrior ? op_exp(-clamp.apply(io::load(pl, k))) : acc_t(1);
     b.gz_sum[k] = 0;
     b.gz_eps_sum[k] = 0;
-    lq_mu[k] = lq_lv[k] = lq_pm[k] = lq_pl[k] = 0;
+    lq_mu[k] = lq_lv[k] = 0;
+    if (kPrior) lq_pm[k] = lq_pl[k] = 0;
   }
-  if (a.grad_z != nullptr || a.grad_logq != nullptr) {
-    for (int64_t s = 0; s < a.num_samples; ++s) {
-      const int64_t flat0 = s * N + t.j0;
-      const float* __restrict eps = stream_normals(a.seed, static_cast<uint64_t>(flat0), n, b.eps);
-      if (a.grad_z != nullptr) {
-        const scalar_t* __restrict gz = a.grad_z + flat0;
-        FV_IVDEP
-        for (int64_t k = 0; k < n; ++k) {
-          const acc_t g = io::load(gz, k);
-          b.gz_sum[k] += g;
-          b.gz_eps_sum[k] += g * static_cast<acc_t>(eps[k]);
-        }
+  const LogqGradBuffers<acc_t> lq_out{lq_mu, lq_lv, lq_pm, lq_pl};
+  for (int64_t s = 0; s < a.num_samples && (a.grad_z != nullptr || a.grad_logq != nullptr); ++s) {
+    const int64_t flat0 = s * N + t.j0;
+    const float* __restrict eps = stream_normals(a.seed, static_cast<uint64_t>(flat0), n, b.eps);
+    const scalar_t* __restrict gz = a.grad_z != nullptr ? a.grad_z + flat0 : nullptr;
+    if (a.grad_logq == nullptr) {
+      FV_IVDEP
+      for (int64_t k = 0; k < n; ++k) {
+        const acc_t g = io::load(gz, k);
+        b.gz_sum[k] += g;
+        b.gz_eps_sum[k] += g * static_cast<acc_t>(eps[k]);
       }
-      if (a.grad_logq != nullptr) {
-        fill_rows(a.grad_logq + s * B, t, plan.s.D, gw);
-        LogqGradBuffers<acc_t> out{lq_mu, lq_lv, lq_pm, lq_pl};
-        if (ratio && path) {
-          logq_grads_loop<scalar_t, kPrior, true, true>(mu, pm, eps, gw, sd_buf, ipv_buf, out, n);
-        } else if (ratio) {
-          logq_grads_loop<scalar_t, kPrior, true, false>(mu, pm, eps, gw, sd_buf, ipv_buf, out, n);
-        } else if (path) {
-          logq_grads_loop<scalar_t, kPrior, false, true>(mu, pm, eps, gw, sd_buf, ipv_buf, out, n);
-        } else {
-          logq_grads_loop<scalar_t, kPrior, false, false>(mu, pm, eps, gw, sd_buf, ipv_buf, out, n);
-        }
-      }
+      continue;
+    }
+    fill_rows(a.grad_logq + s * B, t, plan.s.D, gw);
+    if (gz != nullptr) {
+      sample_grads<scalar_t, kPrior, true>(a.logq_mode, mu, pm, gz, eps, gw, sd_buf, ipv_buf, b, lq_out, n);
+    } else {
+      sample_grads<scalar_t, kPrior, false>(a.logq_mode, mu, pm, gz, eps, gw, sd_buf, ipv_buf, b, lq_out, n);
     }
   }
   scalar_t* __restrict gmu = a.grad_mu + t.j0;
