@@ -18,7 +18,15 @@ Three cases, each implementation timed side by side in one run (benchmarks/commo
   decoder with a learned variance): ``fused`` ``fv.gaussian_log_prob``, ``eager`` the
   formula, ``distributions`` ``torch.distributions.Normal(mu, std).log_prob(x).sum(-1)``.
 
-On the CPU each case runs at every ``--threads`` value (default: 1 and all cores).
+On the CPU each case runs at every ``--threads`` value (default: 1 and all cores). For the
+two cases with a speed target the run also times, at the first thread count, the parts that
+bound the fused time from below (``floor``): the noise alone (the sampling op without a prior,
+KL or log density on zeros: Philox, Box-Muller and the store of eps, less the same call's time
+for one element), which the forward draws and the backward draws again; the fixed cost of a forward+backward call (the
+same call at one element per row and one sample: argument checks, seed, dispatch, autograd);
+the raw forward and backward ops (no Python, no autograd); and the eager expression's
+``torch.randn``. ``fixed + 2 * noise`` is a lower bound of the fused time under the noise
+contract, so ``eager / (fixed + 2 * noise)`` bounds the speedup any kernel could reach.
 Writes a JSON result file (environment, raw numbers, ratios, targets) and prints its path.
 
     python benchmarks/bench_terms.py                  # CPU, about 5 minutes on 2 cores
@@ -50,6 +58,7 @@ from common import (  # noqa: E402
     speedup,
     time_calls,
     timing_method,
+    us,
 )
 
 HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
@@ -148,6 +157,47 @@ def case_log_prob(shape, device):
 
 
 CASES = {"prior_kl": case_prior_kl, "iwae_log_weight": case_iwae_log_weight, "log_prob": case_log_prob}
+FLOOR_SHAPES = {"prior_kl": (32, 16, 32, 32), "iwae_log_weight": (50, 20, 50)}  # the cases with a speed target
+QUICK_FLOOR_SHAPES = {"prior_kl": (4, 4, 8, 8), "iwae_log_weight": (5, 20, 50)}
+
+
+def floor_parts(name, shape, device, min_run_time) -> dict:
+    """Timings of the parts that bound the fused forward+backward of a case from below (module
+    docstring), the eager expression's ``torch.randn``, and the bound on the speedup."""
+    from fused_vae.backends import protocol as P
+
+    inputs, grads, fns = CASES[name](shape, device)
+    fwd, bwd = torch.ops.fused_vae.reparam_kl_fwd.default, torch.ops.fused_vae.reparam_kl_bwd.default
+    seed = torch.tensor(7, device=device)
+    x = [t.detach() for t in inputs]
+    if name == "prior_kl":
+        k, mu_shape, modes = 1, shape, (P.REDUCE_PER_SAMPLE, P.LOGQ_SKIP)
+        args = (x[0], x[1], x[2], x[3], seed, 1, *modes, None, None)
+        grad_args = (grads[0].unsqueeze(0), grads[1], None)
+        tiny = case_prior_kl((1, 1), device)
+    else:
+        k, mu_shape, modes = shape[0], shape[1:], (P.REDUCE_SKIP, P.LOGQ_RATIO)
+        args = (x[0], x[1], None, None, seed, k, *modes, None, None)
+        grad_args = (grads[0], None, grads[1])
+        tiny = case_iwae_log_weight((1, 1, 1), device)
+    zeros, one = torch.zeros(mu_shape, device=device), torch.zeros((1, 1), device=device)
+    steps = {
+        "fused forward+backward": _fwd_bwd(fns["fused"], inputs, grads),
+        "fixed cost (one element per row, one sample)": _fwd_bwd(tiny[2]["fused"], tiny[0], tiny[1]),
+        "forward op": lambda: fwd(*args),
+        "backward op": lambda: bwd(*grad_args, *args),
+        "noise alone": lambda: fwd(zeros, zeros, None, None, seed, k, P.REDUCE_SKIP, P.LOGQ_SKIP, None, None),
+        "noise alone, one element": lambda: fwd(one, one, None, None, seed, 1, P.REDUCE_SKIP, P.LOGQ_SKIP, None, None),
+        "eager forward+backward": _fwd_bwd(fns["eager"], inputs, grads),
+        "eager torch.randn": lambda: torch.randn(k, *mu_shape, device=device),
+    }
+    t = time_calls(steps, min_run_time=min_run_time)
+    median = {part: v["median_s"] for part, v in t.items()}
+    noise = median["noise alone"] - median["noise alone, one element"]  # less the op call's own cost
+    bound = median["fixed cost (one element per row, one sample)"] + 2 * noise
+    return {"timings": t, "noise_s": noise, "lower_bound_s": bound,
+            "speedup_bound_vs_eager": median["eager forward+backward"] / bound,
+            "speedup_vs_eager": median["eager forward+backward"] / median["fused forward+backward"]}
 
 
 def peak_bytes(step, device) -> int:
@@ -243,6 +293,16 @@ def main(argv=None) -> int:
                 kept = ", ".join(f"{i} {v['bytes_kept_for_backward']} B" for i, v in r.items() if i != "speedup_of_fused")
                 print(f"{n} threads {name} {list(shape)}: fused {fused * 1e6:9.1f} us  {ratios}  kept for backward: "
                       f"{kept}", flush=True)
+    floors = {}
+    if device.type == "cpu":
+        torch.set_num_threads(threads[0])
+        floor_shapes = QUICK_FLOOR_SHAPES if args.quick else FLOOR_SHAPES
+        for name in (c for c in args.cases if c in floor_shapes):
+            shape = floor_shapes[name]
+            f = floors[f"{name} {list(shape)}"] = floor_parts(name, shape, device, args.min_run_time)
+            parts = ", ".join(f"{p} {us(v['median_s'])}" for p, v in f["timings"].items())
+            print(f"{threads[0]} threads {name} floor: {parts}; fused {f['speedup_vs_eager']:.2f}x eager, "
+                  f"at most {f['speedup_bound_vs_eager']:.2f}x (fixed cost + noise twice)", flush=True)
     # Peak memory last: on the CPU it needs every large allocation mmapped (so that the resident
     # set follows what is allocated), which would have slowed the timings above.
     mmapped = mmap_large_allocations() if device.type == "cpu" else None
@@ -270,6 +330,7 @@ def main(argv=None) -> int:
         "environment": env | {"load_average_at_end": load_average()},
         "targets": TARGETS,
         "results": results,
+        "floor": floors,
         "target_checks": checks,
     }
     return save_result(args, f"{args.device}-terms", payload)

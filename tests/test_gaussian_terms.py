@@ -354,11 +354,13 @@ def test_torch_export(backend):
 
 def test_sample_log_densities_have_the_right_expectations(backend):
     """E_q[log q - log p] = KL(q || p) and -E_q[log q] = the entropy, per row, within
-    4 standard errors of the Monte-Carlo means (fresh seeds, 4000 samples)."""
+    4 standard errors of the Monte-Carlo means (fresh seeds, 4000 samples; 250 on the slow
+    simulated devices, whose noise other tests hold to fv.standard_normal and whose log
+    densities to float64 math)."""
     device = backend[1]
     mu, lv = make_inputs((3, 4), torch.float64, device, seed=40)
     pm, pl = make_inputs((3, 4), torch.float64, device, seed=41)
-    n = 1000 if is_simulated(backend) else 4000
+    n = 250 if is_simulated(backend) else 4000
     ratio = sample(backend, mu, lv, (pm, pl), log_density="ratio", num_samples=n, seed=42).log_density
     log_q = sample(backend, mu, lv, None, log_density="q", num_samples=n, seed=43).log_density
     kl = fv.gaussian_kl(mu, lv, prior=(pm, pl), reduction="per_sample", backend=backend[0])
