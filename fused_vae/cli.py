@@ -334,11 +334,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run_command(ns) -> int:
+    from .training.allocator import keep_freed_memory
     from .training.checkpoint import CheckpointError
     from .training.config import ConfigError
     from .training.data import DataError
     from .training.trainer import NonFiniteLossError, RunExistsError
 
+    if ns.command in ("train", "eval"):  # this process is the command's own: its steps reuse freed memory
+        keep_freed_memory()
     try:
         return {"train": _cmd_train, "eval": _cmd_eval, "sample": _cmd_sample}[ns.command](ns)
     except (ConfigError, RunExistsError) as e:

@@ -424,3 +424,17 @@ def test_the_iwae_mnist_preset_in_one_command(tmp_path, capsys):
     assert "trained objective: iwae with K = 3" in out and "test NLL (IWAE, k=30)" in out
     lrs = [r["lr"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "train"]
     assert lrs[-1] == pytest.approx(1e-3 * 10 ** (-1 / 7))  # epoch 2 starts stage 1
+
+
+def test_train_and_eval_keep_freed_memory_for_their_steps(tmp_path, capsys, monkeypatch):
+    from fused_vae.training import allocator
+
+    calls = []
+    monkeypatch.setattr(allocator, "keep_freed_memory", lambda: calls.append(True) or True)
+    code, _, err = _run(capsys, "train", *TINY, "--epochs", "1", "--iwae-samples", "0", "--out-dir", str(tmp_path),
+                        "--name", "r")
+    assert code == 0 and len(calls) == 1, err
+    code, _, err = _run(capsys, "eval", str(tmp_path / "r"), "--iwae-samples", "2")
+    assert code == 0 and len(calls) == 2, err
+    code, _, err = _run(capsys, "sample", str(tmp_path / "r"), "-n", "2", "--out", str(tmp_path / "s.png"))
+    assert code == 0 and len(calls) == 2, err  # a few draws: the process's allocator is left as it is

@@ -7,6 +7,7 @@ tqdm, matplotlib, Pillow, scikit-learn; each is imported only where used).
 
 from __future__ import annotations
 
+from .allocator import keep_freed_memory
 from .checkpoint import CheckpointError, atomic_save, load_checkpoint, save_checkpoint
 from .config import ConfigError, TrainConfig, load_config_file
 from .data import DataBundle, DataError, load_data, load_image_folder, load_mnist_images, load_tensor_file, read_idx
@@ -27,6 +28,7 @@ __all__ = [
     "TrainingInterrupted",
     "atomic_save",
     "evaluate",
+    "keep_freed_memory",
     "load_checkpoint",
     "load_config_file",
     "load_data",
