@@ -22,11 +22,12 @@ On the CPU each case runs at every ``--threads`` value (default: 1 and all cores
 two cases with a speed target the run also times, at the first thread count, the parts that
 bound the fused time from below (``floor``): the noise alone (the sampling op without a prior,
 KL or log density on zeros: Philox, Box-Muller and the store of eps, less the same call's time
-for one element), which the forward draws and the backward draws again; the fixed cost of a forward+backward call (the
-same call at one element per row and one sample: argument checks, seed, dispatch, autograd);
-the raw forward and backward ops (no Python, no autograd); and the eager expression's
-``torch.randn``. ``fixed + 2 * noise`` is a lower bound of the fused time under the noise
-contract, so ``eager / (fixed + 2 * noise)`` bounds the speedup any kernel could reach.
+for one element), which the forward draws and the backward draws again; the fixed cost of a
+forward+backward call (the same call at one element per row and one sample: argument checks,
+seed, dispatch, autograd); the raw forward and backward ops (no Python, no autograd); and the
+eager expression's ``torch.randn``. ``fixed + 2 * noise`` is a lower bound of the fused time
+under the noise contract, so ``eager / (fixed + 2 * noise)`` bounds the speedup any kernel
+could reach.
 Writes a JSON result file (environment, raw numbers, ratios, targets) and prints its path.
 
     python benchmarks/bench_terms.py                  # CPU, about 5 minutes on 2 cores

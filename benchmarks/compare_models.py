@@ -8,7 +8,10 @@ iwae --train-samples 5`` and with ``--objective elbo``, through the ``fused-vae 
 command (one process per run, one thread). Each run's summary gives the test ELBO and the
 test NLL by the IWAE bound with k = ``--iwae-samples``; the result file holds them, the
 per-layer KL of the hierarchical models at the end of training, and two checks: every
-new model's NLL against the one-layer net's at the same steps, and IWAE NLL <= -ELBO.
+new model's NLL against the one-layer net's at the same steps, and IWAE NLL <= -ELBO. With the
+ELBO objective the hierarchical models also run with free bits (``--free-bits 1``: a floor of
+1 nat on each stochastic layer's KL in the loss), which keeps their upper layers from
+collapsing onto the prior.
 
     python benchmarks/compare_models.py             # about 10 minutes on 2 cores
     python benchmarks/compare_models.py --quick     # 5 epochs, k = 100, no result file
@@ -32,6 +35,14 @@ MODELS = {
     "topdown (three layers)": ["--preset", "iwae-mnist", "--model", "topdown", "--latent-dims", "32", "16", "8",
                                "--hidden", "200", "--activation", "silu"],
 }
+# Free bits is an ELBO option (the IWAE bound has no separate KL term to floor).
+ELBO_ONLY = {f"{label[:-1]}, free bits 1 nat per layer)": [*args, "--free-bits", "1.0"]
+             for label, args in list(MODELS.items())[1:]}
+
+
+def models_for(objective: str) -> dict:
+    """``{label: trainer arguments}`` of the models compared under ``objective``."""
+    return {**MODELS, **(ELBO_ONLY if objective == "elbo" else {})}
 
 
 def run(args: list[str], out: Path, name: str) -> dict:
@@ -66,24 +77,24 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="compare-models-") as tmp:
         for objective in args.objectives.split(","):
             k = ["--train-samples", "5"] if objective == "iwae" else ["--train-samples", "1"]
-            for label, model_args in MODELS.items():
+            for i, (label, model_args) in enumerate(models_for(objective).items()):
                 common = ["--data", "digits", "--objective", objective, *k, "--epochs", str(args.epochs),
                           "--eval-every", "0", "--iwae-samples", str(args.iwae_samples), "--seed", "0"]
-                s = run([*model_args, *common], Path(tmp), f"{objective}-{label.split()[0]}")
+                s = run([*model_args, *common], Path(tmp), f"{objective}-{i}")
                 results[f"{objective} {label}"] = {key: s.get(key) for key in (
                     "steps", "train_time_s", "test_elbo", "test_recon", "test_kl", "test_iwae_nll", "iwae_samples",
                     "final_layer_kl", "model")}  # fmt: skip
                 r = results[f"{objective} {label}"]
-                print(f"{objective:5s} {label:24s} steps {r['steps']}: test ELBO {r['test_elbo']:.3f}, "
+                print(f"{objective:5s} {label:50s} steps {r['steps']}: test ELBO {r['test_elbo']:.3f}, "
                       f"NLL (k={r['iwae_samples']}) {r['test_iwae_nll']:.3f}, {r['train_time_s']:.0f} s, "
                       f"layer KL {r['final_layer_kl']}", flush=True)
     checks = {}
     for objective in args.objectives.split(","):
         base = results[f"{objective} mlp (one layer)"]["test_iwae_nll"]
-        for label in list(MODELS)[1:]:
+        for label in list(models_for(objective))[1:]:
             r = results[f"{objective} {label}"]
             checks[f"{objective} {label}: NLL - one-layer NLL"] = r["test_iwae_nll"] - base
-        for label in MODELS:
+        for label in models_for(objective):
             r = results[f"{objective} {label}"]
             checks[f"{objective} {label}: IWAE NLL <= -ELBO"] = r["test_iwae_nll"] <= -r["test_elbo"]
     for key, value in checks.items():
