@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import os
-import platform
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from fused_vae.training.allocator import user_chose_allocator
+from fused_vae.training.allocator import glibc_malloc, user_chose_allocator
 
 REPO = Path(__file__).resolve().parents[1]
-GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
 
 # A step's worth of activations: 96 tensors of 1 MiB allocated, used and freed together; prints
 # the page faults per step after the first 3 steps. Without keep_freed_memory() glibc returns them
@@ -44,7 +42,7 @@ def _faults_per_step() -> float:
     return float(done.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.skipif(not GLIBC, reason="glibc's malloc only")
+@pytest.mark.skipif(not glibc_malloc(), reason="glibc's malloc only")
 def test_training_steps_reuse_freed_memory():
     assert _faults_per_step() < 1
 

@@ -367,6 +367,21 @@ struct BwdTileBuffers {
   alignas(64) acc_t gkl[kTile];
 };
 
+// Adds one sample's grad_z and grad_z * eps to the tile's sums.
+template <typename scalar_t>
+FV_INLINE void add_grad_z(const scalar_t* __restrict gz, const float* __restrict eps,
+                          BwdTileBuffers<at::opmath_type<scalar_t>>& b, int64_t n) {
+  using acc_t = at::opmath_type<scalar_t>;
+  acc_t* __restrict gz_sum = b.gz_sum;
+  acc_t* __restrict gz_eps_sum = b.gz_eps_sum;
+  FV_IVDEP
+  for (int64_t k = 0; k < n; ++k) {
+    const acc_t g = Io<scalar_t>::load(gz, k);
+    gz_sum[k] += g;
+    gz_eps_sum[k] += g * static_cast<acc_t>(eps[k]);
+  }
+}
+
 // The backward of the sampling op without a prior and without a log density.
 template <typename scalar_t>
 FV_INLINE void backward_tile_plain(const BwdArgs<scalar_t>& a, const TilePlan& plan, const Tile& t) {
@@ -405,13 +420,7 @@ FV_INLINE void backward_tile_plain(const BwdArgs<scalar_t>& a, const TilePlan& p
   if (a.grad_z != nullptr) {
     for (int64_t s = 0; s < a.num_samples; ++s) {
       const int64_t flat0 = s * N + t.j0;
-      const float* __restrict eps = stream_normals(a.seed, static_cast<uint64_t>(flat0), n, b.eps);
-      const scalar_t* __restrict gz = a.grad_z + flat0;
-      for (int64_t k = 0; k < n; ++k) {
-        const acc_t g = io::load(gz, k);
-        b.gz_sum[k] += g;
-        b.gz_eps_sum[k] += g * static_cast<acc_t>(eps[k]);
-      }
+      add_grad_z(a.grad_z + flat0, stream_normals(a.seed, static_cast<uint64_t>(flat0), n, b.eps), b, n);
     }
   }
   for (int64_t k = 0; k < n; ++k) {
@@ -571,12 +580,7 @@ FV_INLINE void backward_tile_terms(const BwdArgs<scalar_t>& a, const TilePlan& p
     const float* __restrict eps = stream_normals(a.seed, static_cast<uint64_t>(flat0), n, b.eps);
     const scalar_t* __restrict gz = a.grad_z != nullptr ? a.grad_z + flat0 : nullptr;
     if (a.grad_logq == nullptr) {
-      FV_IVDEP
-      for (int64_t k = 0; k < n; ++k) {
-        const acc_t g = io::load(gz, k);
-        b.gz_sum[k] += g;
-        b.gz_eps_sum[k] += g * static_cast<acc_t>(eps[k]);
-      }
+      add_grad_z(gz, eps, b, n);
       continue;
     }
     fill_rows(a.grad_logq + s * B, t, plan.s.D, gw);

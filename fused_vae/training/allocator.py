@@ -21,6 +21,11 @@ MMAP_THRESHOLD = 32 << 20  # glibc's largest: blocks up to 32 MiB come from the 
 TRIM_THRESHOLD = 256 << 20  # free memory kept at the top of the heap
 
 
+def glibc_malloc() -> bool:
+    """Whether this process allocates with glibc's malloc (Linux with glibc)."""
+    return platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+
+
 def user_chose_allocator(env=None) -> str | None:
     """Why the allocator is the user's to set (None when it is not): a malloc setting in
     ``GLIBC_TUNABLES`` or ``MALLOC_*_`` variables, or another allocator in ``LD_PRELOAD``."""
@@ -41,7 +46,7 @@ def keep_freed_memory() -> bool:
     Leaves the allocator alone where it is not glibc's or where :func:`user_chose_allocator`
     says the user set it. Returns whether both settings took effect. Raises nothing.
     """
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc" or user_chose_allocator():
+    if not glibc_malloc() or user_chose_allocator():
         return False
     try:
         mallopt = ctypes.CDLL("libc.so.6").mallopt
