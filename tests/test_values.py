@@ -134,6 +134,33 @@ def test_large_logvar_without_clamp_follows_ieee(backend):
     assert torch.isfinite(z[3]) and torch.isfinite(kl[3])
 
 
+def test_std_across_the_float32_range(backend):
+    """exp(0.5 * logvar) where std is subnormal, normal, near float32's largest value and
+    past it: z = std * eps (mu = 0) within a few ulps of float64 math, plus exp's condition
+    number times the argument's rounding; inf and 0 exactly where float64 math overflows and
+    underflows."""
+    name, device = backend
+    points = 401 if is_simulated(backend) else 4001
+    edges = [-110.0, -104.0, -103.98, -103.97, -103.0, -87.4, -87.3, 88.7, 88.72, 88.7228, 88.73, 89.0, 89.01, 95.0]
+    half = torch.cat([torch.linspace(-110.0, 95.0, points), torch.tensor(edges)])
+    lv = (2 * half).float()
+    mu = torch.zeros_like(lv)
+    z = fv.reparameterize(mu.to(device), lv.to(device), seed=3, backend=name).cpu().double()
+    _, _, eps = math64(mu, lv, 3)
+    std64 = torch.exp(0.5 * lv.double())
+    z64 = std64.float().double() * eps[0]  # std overflows first (exp(88.8) * 0.5 is inf, too)
+    tiny, big = 2.0**-149, torch.finfo(torch.float32).max
+    near_edge = ((std64 - big).abs() < 1e-4 * big) | ((z64.abs() - big).abs() < 1e-4 * big)
+    near_edge |= (z64.abs() - tiny / 2).abs() < tiny / 4
+    want32 = z64.float().double()
+    assert torch.equal(torch.isinf(z)[~near_edge], torch.isinf(want32)[~near_edge])
+    assert torch.equal((z == 0)[~near_edge], (want32 == 0)[~near_edge])
+    finite = torch.isfinite(z) & torch.isfinite(z64)
+    rtol = (8 + 2 * (0.5 * lv.double()).abs()) * 2.0**-24
+    err = (z - z64).abs()[finite]
+    assert (err <= rtol[finite] * z64.abs()[finite] + tiny).all(), err.max()
+
+
 def test_nan_and_inf_propagate(backend):
     name, device = backend
     nan, inf = math.nan, math.inf

@@ -37,8 +37,9 @@ __attribute__((target("avx512f"))) inline void mulhilo_avx512(__m512i a, __m512i
                                                                __m512i& lo) {
   const __m512i even = _mm512_mul_epu32(a, m);                       // lanes 0, 2, ...
   const __m512i odd = _mm512_mul_epu32(_mm512_srli_epi64(a, 32), m);  // lanes 1, 3, ...
-  hi = _mm512_mask_blend_epi32(0xAAAA, _mm512_srli_epi64(even, 32), odd);
-  lo = _mm512_mask_blend_epi32(0xAAAA, even, _mm512_slli_epi64(odd, 32));
+  // One masked shuffle each moves the other half of the 64-bit products into place.
+  hi = _mm512_mask_shuffle_epi32(odd, 0x5555, even, _MM_PERM_DDBB);
+  lo = _mm512_mask_shuffle_epi32(even, 0xAAAA, odd, _MM_PERM_CCAA);
 }
 
 // kWays independent vectors per iteration hide the multiply latency of the round chain.

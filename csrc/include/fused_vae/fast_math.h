@@ -38,14 +38,11 @@ FV_HD float exp2_int(int32_t n) {
 }
 
 FV_HD float fast_expf(float x) {
-  constexpr float kMaxArg = 88.72283905206835f;
-  constexpr float kMinArg = -103.97207708f;
-  const bool is_nan = x != x;
-  const bool overflow = x > kMaxArg;
-  const bool underflow = x < kMinArg;
-  float xc = is_nan ? 0.0f : x;
-  xc = xc > kMaxArg ? kMaxArg : xc;
-  xc = xc < kMinArg ? kMinArg : xc;
+  // The clamps keep NaN (comparisons with NaN are false) and bound the exponent n to
+  // [-150, 128]; the arithmetic below then gives NaN for NaN, +inf past float32's range and
+  // 0 below it without a separate test (a signalling NaN comes back quiet).
+  float xc = x < -104.0f ? -104.0f : x;
+  xc = xc > 89.0f ? 89.0f : xc;
   // floor(v) for v in [-150, 129] via truncation of a positive value (vectorises,
   // unlike floorf).
   const float v = 1.44269504088896341f * xc + 0.5f;
@@ -62,23 +59,19 @@ FV_HD float fast_expf(float x) {
   p = p * r + 5.0000001201e-1f;
   p = p * r2 + r + 1.0f;
   // Scale by 2**n in two steps so that subnormal results are reached.
-  const int32_t n1 = n / 2;
-  const float y = p * exp2_int(n1) * exp2_int(n - n1);
-  float out = overflow ? bits_float(0x7f800000u) : y;  // +inf (no constexpr host call on device)
-  out = underflow ? 0.0f : out;
-  return is_nan ? x : out;
+  const int32_t n1 = n >> 1;
+  return p * exp2_int(n1) * exp2_int(n - n1);
 }
 
 // Natural log for positive normal x (the Box-Muller uniforms, >= 1e-7).
 FV_HD float fast_logf(float x) {
-  constexpr float kSqrtHalf = 0.707106781186547524f;
+  // x = (1 + m) * 2**e with 1 + m in [sqrt(1/2), sqrt(2)), read off the bits (0x3f3504f3 is
+  // float32's sqrt(1/2)); without a select, which compilers would otherwise turn into the
+  // polynomial computed twice.
   const uint32_t bits = float_bits(x);
-  // x = m * 2**e with m in [0.5, 1).
-  float e = static_cast<float>(static_cast<int32_t>(bits >> 23) - 126);
-  float m = bits_float((bits & 0x807fffffu) | 0x3f000000u);
-  const bool small = m < kSqrtHalf;
-  e = small ? e - 1.0f : e;
-  m = small ? m + m - 1.0f : m - 1.0f;
+  const int32_t ei = static_cast<int32_t>(bits - 0x3f3504f3u) >> 23;
+  const float m = bits_float(bits - (static_cast<uint32_t>(ei) << 23)) - 1.0f;
+  const float e = static_cast<float>(ei);
   const float z = m * m;
   float p = 7.0376836292e-2f;
   p = p * m - 1.1514610310e-1f;
