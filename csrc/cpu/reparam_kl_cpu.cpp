@@ -183,9 +183,9 @@ FV_INLINE void prior_forward_one_pass(const FwdArgs<scalar_t>& a, const TilePlan
 }
 
 // Forward of one tile for samples [s0, s1): the KL (produced by the work item holding sample 0),
-// z and the log density of each sample. With a prior or a log density the per-element terms
-// that do not depend on the noise (logvar's exp, the prior's, the KL) are computed once for
-// all the samples.
+// z and the log density of each sample. With more than one sample, a prior or a log density
+// the per-element terms that do not depend on the noise (logvar's exp, the prior's, the KL)
+// are computed once for all the samples.
 template <typename scalar_t, bool kPrior>
 FV_INLINE void forward_tile(const FwdArgs<scalar_t>& a, const TilePlan& plan, const Tile& t, int64_t s0,
                             int64_t s1) {
@@ -195,8 +195,8 @@ FV_INLINE void forward_tile(const FwdArgs<scalar_t>& a, const TilePlan& plan, co
   const bool want_kl = s0 == 0 && (a.kl_elem != nullptr || a.kl != nullptr);
   const bool want_lq = a.logq != nullptr;
   const int64_t n = t.len;
-  if (!kPrior && !want_lq) {
-    for (int64_t s = s0; s < s1; ++s) plain_forward(a, plan, t, s, want_kl && s == 0, kl_buf);
+  if (!kPrior && !want_lq && s1 - s0 == 1) {
+    plain_forward(a, plan, t, s0, want_kl, kl_buf);
   } else if (kPrior && !want_lq && s1 - s0 == 1) {
     if (a.z != nullptr) {
       prior_forward_one_pass<scalar_t, true>(a, plan, t, s0, kl_buf);
